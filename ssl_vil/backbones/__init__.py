@@ -1,0 +1,1 @@
+"""ViL backbones."""

@@ -1,0 +1,1 @@
+"""Training loop and the small components it injects (guards, preemption, watchdog, metrics)."""
