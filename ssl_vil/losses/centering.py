@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_vil.losses.distributed import all_reduce_
+from ssl_vil.losses.precision import at_least_fp32
 
 
 class EMACenter(nn.Module):
@@ -44,7 +45,7 @@ class EMACenter(nn.Module):
     @torch.no_grad()
     def accumulate(self, logits: Tensor, valid: Tensor | None = None) -> None:
         """Add teacher logits (N, K) to the pending sums; ``valid`` (N,) bool excludes padding rows."""
-        x = logits.detach().float()
+        x = logits.detach().to(self.pending_sum.dtype)
         if valid is None:
             self.pending_sum.add_(x.sum(dim=0))
             self.pending_count.add_(x.shape[0])
@@ -78,5 +79,6 @@ class EMACenter(nn.Module):
 
 
 def centered_teacher_probs(logits: Tensor, center: Tensor, teacher_temp: float | Tensor) -> Tensor:
-    """softmax((logits - center) / teacher_temp) in fp32: (N, K), (K,) -> (N, K)."""
-    return F.softmax((logits.float() - center.float()) / teacher_temp, dim=-1)
+    """softmax((logits - center) / teacher_temp) in at least fp32: (N, K), (K,) -> (N, K)."""
+    x = at_least_fp32(logits)
+    return F.softmax((x - center.to(x.dtype)) / teacher_temp, dim=-1)

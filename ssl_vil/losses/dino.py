@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_vil.losses.precision import at_least_fp32
+
 
 def dino_cross_entropy(
     student_logits: Tensor,
@@ -22,7 +24,7 @@ def dino_cross_entropy(
     n_teacher_views: int,
     student_temp: float = 0.1,
 ) -> Tensor:
-    """Mean cross-view cross-entropy (scalar, fp32).
+    """Mean cross-view cross-entropy (scalar, computed in at least fp32).
 
     Args:
         student_logits: (n_student_views * B, K) student head outputs, view-major, global views first.
@@ -52,9 +54,9 @@ def dino_cross_entropy(
     if n_pairs == 0:
         raise ValueError("the DINO loss needs at least one pair of different views")
 
-    log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
     log_p_student = log_p_student.reshape(n_student_views, batch, -1)
-    p_teacher = teacher_probs.float().reshape(n_teacher_views, batch, -1)
+    p_teacher = at_least_fp32(teacher_probs).reshape(n_teacher_views, batch, -1)
     # (teacher view, student view) matrix of summed cross-entropies over the batch.
     ce = -torch.einsum("tbk,sbk->ts", p_teacher, log_p_student)
     same_view = torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)

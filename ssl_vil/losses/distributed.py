@@ -18,6 +18,3 @@ def all_reduce_(tensor: Tensor, op: str = "sum") -> Tensor:
         dist.all_reduce(tensor, op=reduce_op)
     return tensor
 
-
-def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1

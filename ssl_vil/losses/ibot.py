@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_vil.losses.precision import at_least_fp32
+
 
 def ibot_patch_loss(
     student_logits: Tensor,
@@ -20,7 +22,7 @@ def ibot_patch_loss(
     n_images: int,
     student_temp: float = 0.1,
 ) -> Tensor:
-    """Masked-patch cross-entropy (scalar, fp32).
+    """Masked-patch cross-entropy (scalar, computed in at least fp32).
 
     Args:
         student_logits: (M, K) student head outputs at the masked positions (M may include padding rows).
@@ -36,6 +38,6 @@ def ibot_patch_loss(
         )
     if n_images < 1:
         raise ValueError(f"ibot_patch_loss needs n_images >= 1, got {n_images}")
-    log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    ce = -(teacher_probs.float() * log_p_student).sum(dim=-1)
-    return (ce * weights.float()).sum() / n_images
+    log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
+    ce = -(at_least_fp32(teacher_probs) * log_p_student).sum(dim=-1)
+    return (ce * weights.to(ce.dtype)).sum() / n_images

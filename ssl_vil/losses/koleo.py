@@ -13,13 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_vil.losses.precision import at_least_fp32
+
 
 def koleo_loss(features: Tensor, eps: float = 1e-8) -> Tensor:
-    """KoLeo loss of features (B, D) over the local batch; scalar fp32. Needs B >= 2."""
+    """KoLeo loss of features (B, D) over the local batch; scalar in at least fp32. Needs B >= 2."""
     if features.ndim != 2 or features.shape[0] < 2:
         raise ValueError(f"koleo_loss needs features of shape (B >= 2, D), got {tuple(features.shape)}")
     with torch.autocast(device_type=features.device.type, enabled=False):
-        x = F.normalize(features.float(), dim=-1, p=2.0, eps=eps)
+        x = F.normalize(at_least_fp32(features), dim=-1, p=2.0, eps=eps)
         with torch.no_grad():
             similarity = x @ x.t()
             similarity.fill_diagonal_(float("-inf"))

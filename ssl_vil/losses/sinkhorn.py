@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ssl_vil.losses.precision import at_least_fp32
+
 from ssl_vil.losses.distributed import all_reduce_
 
 
@@ -28,19 +30,20 @@ def sinkhorn_knopp(
     """
     if n_iterations < 1:
         raise ValueError(f"sinkhorn_knopp needs n_iterations >= 1, got {n_iterations}")
-    x = logits.float() / teacher_temp
+    x = at_least_fp32(logits) / teacher_temp
     n_protos = x.shape[1]
     if valid is None:
         valid = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    # Subtracting the global max does not change the result (every normalisation divides it out) but keeps
-    # exp() finite for large logits / small temperatures.
+    # Padding rows become -inf so that they contribute exactly 0 mass. Subtracting the global max does not
+    # change the result (every normalisation divides it out) but keeps exp() finite for large logits.
+    x = torch.where(valid[:, None], x, torch.full_like(x, float("-inf")))
     if x.shape[0] > 0:
-        shift = torch.where(valid[:, None], x, torch.full_like(x, float("-inf"))).amax().reshape(1)
+        shift = x.amax().reshape(1)
     else:
-        shift = torch.full((1,), float("-inf"), device=x.device)
+        shift = torch.full((1,), float("-inf"), dtype=x.dtype, device=x.device)
     all_reduce_(shift, "max")
     shift = torch.nan_to_num(shift, neginf=0.0)
-    q = torch.exp(x - shift) * valid[:, None].to(x.dtype)
+    q = torch.exp(x - shift)
 
     n_rows = valid.sum().to(x.dtype).reshape(1)
     all_reduce_(n_rows, "sum")

@@ -1,0 +1,12 @@
+"""k-NN evaluation of a pretrained ViL backbone (DINO / DINOv2 protocol).
+
+    python eval/knn.py --weights RUN_DIR --train-data SHARDS_OR_IMAGEFOLDER --val-data ... [--k 10 20 100 200]
+    torchrun --nproc_per_node=N eval/knn.py ...
+
+See ``python eval/knn.py --help``; the implementation lives in :mod:`ssl_vil.evaluation.knn_cli`.
+"""
+
+from ssl_vil.evaluation.knn_cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Multi-crop augmentations driven by an explicit per-sample ``torch.Generator``."""
+
+from ssl_vil.augment.digits import DigitsMultiCrop, DigitsMultiCropConfig, DigitsParams, DigitsViewParams
+from ssl_vil.augment.multicrop import MultiCropConfig, MultiCropParams, MultiCropTransform, ViewParams
+from ssl_vil.augment.presets import PRESETS, MultiCrop, build_multicrop
+
+__all__ = [
+    "PRESETS",
+    "DigitsMultiCrop",
+    "DigitsMultiCropConfig",
+    "DigitsParams",
+    "DigitsViewParams",
+    "MultiCrop",
+    "MultiCropConfig",
+    "MultiCropParams",
+    "MultiCropTransform",
+    "ViewParams",
+    "build_multicrop",
+]

@@ -1,0 +1,254 @@
+"""DINO-family multi-crop augmentation: random resized crops + flip, colour jitter, grayscale, blur, solarize.
+
+The transform is split into :meth:`MultiCropTransform.sample_params` (every random decision, drawn from the
+passed ``torch.Generator``) and :meth:`MultiCropTransform.apply` (deterministic), so sampled probabilities can
+be measured and a sample's views reproduced from its generator alone.
+
+Per view (DINO): RandomResizedCrop (bicubic) -> horizontal flip -> colour jitter (brightness, contrast,
+saturation, hue in a random order) with p_jitter -> grayscale with p_gray -> Gaussian blur -> solarize (second
+global view only) -> normalise. The first global view uses ``blur_probs[0]``, every further global view
+``blur_probs[1]`` (and solarization), local views ``blur_probs[2]``. Jitter strength applies to all views.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+
+from ssl_vil.augment import sampling
+
+# DINO's colour-jitter magnitudes (brightness, contrast, saturation, hue) at strength 1.
+DINO_JITTER = (0.4, 0.4, 0.2, 0.1)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resolution at which the blur sigma range (0.1, 2.0) px of DINO was defined.
+REFERENCE_SIZE = 224
+
+
+@dataclass(kw_only=True, slots=True)
+class MultiCropConfig:
+    """Settings of a :class:`MultiCropTransform` (sizes in pixels of the output views).
+
+    ``blur_probs`` = (first global, other globals, locals). ``dinov2_blur_bug`` reproduces the inverted
+    probability of DINOv2's released training (p -> 1 - p: effectively 0.0 / 0.9 / 0.5). ``blur_sigma`` is in
+    output-view pixels; ``None`` scales DINO's (0.1, 2.0) by global_size / 224.
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    n_global: int = 2
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+    flip_prob: float = 0.5
+    jitter_prob: float = 0.8
+    jitter_strength: float = 1.0
+    jitter: tuple[float, float, float, float] = DINO_JITTER
+    gray_prob: float = 0.2
+    blur_probs: tuple[float, float, float] = (1.0, 0.1, 0.5)
+    dinov2_blur_bug: bool = False
+    blur_sigma: tuple[float, float] | None = None
+    solarize_prob: float = 0.2
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.n_global < 1 or self.n_local < 0:
+            raise ValueError(f"need n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
+        if self.global_size < 1 or self.local_size < 1:
+            raise ValueError(f"crop sizes must be positive, got {self.global_size}, {self.local_size}")
+        for name in ("global_scale", "local_scale", "ratio"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"MultiCropConfig.{name} must satisfy 0 < low <= high, got {(low, high)}")
+        for name in ("flip_prob", "jitter_prob", "gray_prob", "solarize_prob"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"MultiCropConfig.{name} must be a probability, got {p}")
+        if len(self.blur_probs) != 3 or not all(0.0 <= p <= 1.0 for p in self.blur_probs):
+            raise ValueError(f"MultiCropConfig.blur_probs must be 3 probabilities, got {self.blur_probs}")
+        if len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(f"mean/std must have equal length and positive std, got {self.mean}, {self.std}")
+
+    def effective_blur_probs(self) -> tuple[float, float, float]:
+        """Blur probabilities actually applied (after the optional DINOv2 inversion)."""
+        if self.dinov2_blur_bug:
+            return tuple(1.0 - p for p in self.blur_probs)  # type: ignore[return-value]
+        return self.blur_probs
+
+    def effective_blur_sigma(self) -> tuple[float, float]:
+        if self.blur_sigma is not None:
+            return self.blur_sigma
+        factor = self.global_size / REFERENCE_SIZE
+        return (0.1 * factor, 2.0 * factor)
+
+
+@dataclass(frozen=True, slots=True)
+class ViewParams:
+    """Every random decision for one view (jitter factors are drawn even when ``jitter`` is False)."""
+
+    kind: str  # "global" or "local"
+    size: int
+    crop: tuple[int, int, int, int]  # top, left, height, width in input pixels
+    flip: bool
+    jitter: bool
+    jitter_order: tuple[int, ...]  # permutation of (brightness, contrast, saturation, hue)
+    jitter_factors: tuple[float, float, float, float]
+    gray: bool
+    blur: bool
+    blur_sigma: float
+    solarize: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MultiCropParams:
+    """Sampled parameters of all views of one image, globals first."""
+
+    views: tuple[ViewParams, ...] = field(default_factory=tuple)
+
+
+class MultiCropTransform:
+    """``transform(image, generator) -> [global_1, ..., local_1, ...]`` normalised (3, S, S) fp32 tensors."""
+
+    def __init__(self, cfg: MultiCropConfig) -> None:
+        self.cfg = cfg
+        sigma_max = cfg.effective_blur_sigma()[1]
+        # A kernel of 2·ceil(3σ_max)+1 covers every sampled σ; fixed per view size so shapes stay static.
+        self._kernel = {size: _blur_kernel_size(sigma_max, size) for size in (cfg.global_size, cfg.local_size)}
+
+    def sample_params(self, generator: torch.Generator, image_size: tuple[int, int]) -> MultiCropParams:
+        """Draw all random decisions for an image of (width, height) ``image_size`` (PIL order)."""
+        cfg = self.cfg
+        width, height = image_size
+        blur_probs = cfg.effective_blur_probs()
+        views = []
+        for v in range(cfg.n_global + cfg.n_local):
+            is_global = v < cfg.n_global
+            if is_global:
+                blur_p = blur_probs[0] if v == 0 else blur_probs[1]
+                solarize_p = 0.0 if v == 0 else cfg.solarize_prob
+            else:
+                blur_p, solarize_p = blur_probs[2], 0.0
+            views.append(
+                self._sample_view(
+                    generator,
+                    kind="global" if is_global else "local",
+                    size=cfg.global_size if is_global else cfg.local_size,
+                    scale=cfg.global_scale if is_global else cfg.local_scale,
+                    height=height,
+                    width=width,
+                    blur_p=blur_p,
+                    solarize_p=solarize_p,
+                )
+            )
+        return MultiCropParams(views=tuple(views))
+
+    def _sample_view(
+        self,
+        g: torch.Generator,
+        *,
+        kind: str,
+        size: int,
+        scale: tuple[float, float],
+        height: int,
+        width: int,
+        blur_p: float,
+        solarize_p: float,
+    ) -> ViewParams:
+        cfg = self.cfg
+        crop = sampling.random_resized_crop_box(g, height, width, scale, cfg.ratio)
+        flip = sampling.bernoulli(g, cfg.flip_prob)
+        jitter = sampling.bernoulli(g, cfg.jitter_prob)
+        order = tuple(int(i) for i in torch.randperm(4, generator=g))
+        b, c, s, h = (m * cfg.jitter_strength for m in cfg.jitter)
+        factors = (
+            sampling.uniform(g, max(0.0, 1.0 - b), 1.0 + b),
+            sampling.uniform(g, max(0.0, 1.0 - c), 1.0 + c),
+            sampling.uniform(g, max(0.0, 1.0 - s), 1.0 + s),
+            sampling.uniform(g, -min(h, 0.5), min(h, 0.5)),
+        )
+        gray = sampling.bernoulli(g, cfg.gray_prob)
+        blur = sampling.bernoulli(g, blur_p)
+        sigma = sampling.uniform(g, *cfg.effective_blur_sigma())
+        solarize = sampling.bernoulli(g, solarize_p)
+        return ViewParams(
+            kind=kind,
+            size=size,
+            crop=crop,
+            flip=flip,
+            jitter=jitter,
+            jitter_order=order,
+            jitter_factors=factors,
+            gray=gray,
+            blur=blur,
+            blur_sigma=sigma,
+            solarize=solarize,
+        )
+
+    def apply(self, image: Image.Image | Tensor, params: MultiCropParams) -> list[Tensor]:
+        """Render the views described by ``params`` (deterministic)."""
+        pixels = _to_uint8_tensor(image)
+        return [self._apply_view(pixels, view) for view in params.views]
+
+    def _apply_view(self, pixels: Tensor, p: ViewParams) -> Tensor:
+        top, left, h, w = p.crop
+        # Resizing the uint8 image clamps bicubic overshoot, as resizing a PIL image does.
+        x = TF.resized_crop(
+            pixels, top, left, h, w, [p.size, p.size], interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
+        x = x.to(torch.float32) / 255.0
+        if p.flip:
+            x = TF.horizontal_flip(x)
+        if p.jitter:
+            for op in p.jitter_order:
+                x = _JITTER_OPS[op](x, p.jitter_factors[op])
+        if p.gray:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p.blur:
+            k = self._kernel[p.size]
+            x = TF.gaussian_blur(x, [k, k], [p.blur_sigma, p.blur_sigma])
+        if p.solarize:
+            x = TF.solarize(x, threshold=128.0 / 255.0)
+        return TF.normalize(x, list(self.cfg.mean), list(self.cfg.std))
+
+    def __call__(self, image: Image.Image | Tensor, generator: torch.Generator) -> list[Tensor]:
+        width, height = _image_size(image)
+        return self.apply(image, self.sample_params(generator, (width, height)))
+
+
+_JITTER_OPS = (
+    TF.adjust_brightness,
+    TF.adjust_contrast,
+    TF.adjust_saturation,
+    TF.adjust_hue,
+)
+
+
+def _blur_kernel_size(sigma_max: float, size: int) -> int:
+    k = 2 * math.ceil(3.0 * sigma_max) + 1
+    largest = size if size % 2 == 1 else size - 1  # reflect padding needs kernel // 2 < size
+    return max(3, min(k, largest))
+
+
+def _image_size(image: Image.Image | Tensor) -> tuple[int, int]:
+    if isinstance(image, Image.Image):
+        return image.size
+    return int(image.shape[-1]), int(image.shape[-2])
+
+
+def _to_uint8_tensor(image: Image.Image | Tensor) -> Tensor:
+    """PIL image (any mode) or uint8 tensor (C, H, W) -> uint8 RGB tensor (3, H, W)."""
+    if isinstance(image, Image.Image):
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return TF.pil_to_tensor(image)
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected a PIL image or a uint8 (1|3, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image

@@ -1,0 +1,39 @@
+"""Batch collation of multi-view samples.
+
+A collate is ``Callable[[list[dict], torch.Generator], dict]``. Each sample is ``{"key": str, "label": int
+(-1 if none), "views": <transform output>}``; the generator is seeded by the stream from (seed, epoch, global
+batch index, the rank's first slot), for collates that draw randomness (e.g. masks) per batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def stack_views(samples: list[dict[str, Any]]) -> Tensor | list[Tensor]:
+    """Views of all samples stacked: a tensor -> (B, ...); a list of V tensors -> V tensors of (B, ...)."""
+    first = samples[0]["views"]
+    if isinstance(first, Tensor):
+        return torch.stack([s["views"] for s in samples])
+    if isinstance(first, (list, tuple)):
+        n = len(first)
+        for s in samples:
+            if len(s["views"]) != n:
+                raise ValueError(f"sample {s['key']!r} has {len(s['views'])} views, sample {samples[0]['key']!r} {n}")
+        return [torch.stack([s["views"][i] for s in samples]) for i in range(n)]
+    raise TypeError(f"views must be a tensor or a list of tensors, got {type(first).__name__}")
+
+
+def default_collate_views(samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+    """``{"keys": list[str] (B), "labels": LongTensor (B,), "views": stacked views}`` (``generator`` unused)."""
+    del generator
+    if not samples:
+        raise ValueError("cannot collate an empty batch")
+    return {
+        "keys": [s["key"] for s in samples],
+        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+        "views": stack_views(samples),
+    }

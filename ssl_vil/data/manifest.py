@@ -1,0 +1,196 @@
+"""Shard sidecars: our manifest, timm's ``_info.json``, open_clip's ``sizes.json`` / ``__len__``.
+
+One directory may hold several splits (``<name>-train-000000.tar``, ``<name>-val-000000.tar``...). Each split has
+its own manifest ``manifest-<split>.json``::
+
+    {"format": "ssl_vil.shards/1", "name": "digits", "split": "train", "num_samples": 1297,
+     "classes": ["0", ..., "9"],
+     "shards": [{"file": "digits-train-000000.tar", "num_samples": 1000, "sha256": "...", "bytes": 1234}, ...],
+     "source": "builtin:digits", "plan_digest": "...", "options": {...}}
+
+``num_samples`` counts tar *records* (see :mod:`ssl_vil.data.tar_records`). The other sidecars describe every
+split in the directory: ``_info.json`` = ``{"name", "splits": {split: {"name", "num_samples", "filenames",
+"shard_lengths"}}}`` (what ``timm.data.create_dataset('wds/<name>', root=dir, split=...)`` reads),
+``sizes.json`` = ``{shard file: num_samples}`` and ``__len__`` = the total of ``sizes.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl_vil.data.atomic import atomic_write_bytes
+from ssl_vil.data.errors import DataConfigError
+
+MANIFEST_FORMAT = "ssl_vil.shards/1"
+TIMM_INFO = "_info.json"
+SIZES = "sizes.json"
+LENGTH = "__len__"
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    """One shard file of a split: its basename, record count and (when written by us) sha256 and size."""
+
+    file: str
+    num_samples: int
+    sha256: str | None = None
+    bytes: int | None = None
+
+
+@dataclass(slots=True)
+class Manifest:
+    """The shards of one split, in order, with the class names their ``.cls`` labels index."""
+
+    root: Path
+    name: str
+    split: str
+    shards: list[ShardInfo]
+    classes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    @property
+    def urls(self) -> list[str]:
+        return [str(self.root / s.file) for s in self.shards]
+
+    @property
+    def counts(self) -> list[int]:
+        return [s.num_samples for s in self.shards]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "name": self.name,
+            "split": self.split,
+            "num_samples": self.num_samples,
+            "classes": list(self.classes),
+            "shards": [
+                {"file": s.file, "num_samples": s.num_samples, "sha256": s.sha256, "bytes": s.bytes}
+                for s in self.shards
+            ],
+            **self.extra,
+        }
+
+
+def manifest_path(root: str | os.PathLike[str], split: str) -> Path:
+    return Path(root) / f"manifest-{split}.json"
+
+
+def list_splits(root: str | os.PathLike[str]) -> list[str]:
+    """Splits that have a manifest in ``root``."""
+    return sorted(p.name[len("manifest-") : -len(".json")] for p in Path(root).glob("manifest-*.json"))
+
+
+def read_manifest(root: str | os.PathLike[str], split: str | None = None) -> Manifest:
+    """The manifest of ``split`` in directory ``root`` (``split`` may be omitted when there is only one)."""
+    directory = Path(root)
+    if split is None:
+        splits = list_splits(directory)
+        if len(splits) != 1:
+            found = ", ".join(splits) if splits else "none"
+            raise DataConfigError(f"{directory}: pass split=...; manifests found for splits: {found}")
+        split = splits[0]
+    path = manifest_path(directory, split)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise DataConfigError(f"{path}: no manifest for split {split!r} (splits here: {list_splits(directory)})") from exc
+    except json.JSONDecodeError as exc:
+        raise DataConfigError(f"{path}: manifest is not valid JSON ({exc})") from exc
+    if data.get("format") != MANIFEST_FORMAT:
+        raise DataConfigError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    shards = [
+        ShardInfo(s["file"], int(s["num_samples"]), s.get("sha256"), s.get("bytes")) for s in data["shards"]
+    ]
+    known = {"format", "name", "split", "num_samples", "classes", "shards"}
+    return Manifest(
+        root=directory,
+        name=data["name"],
+        split=data["split"],
+        shards=shards,
+        classes=list(data.get("classes", [])),
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+def _dump(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8")
+
+
+@contextlib.contextmanager
+def _sidecar_lock(root: Path) -> Iterator[None]:
+    # Two splits finishing at once both merge into _info.json / sizes.json; serialise the read-modify-write.
+    with open(root / ".sidecars.lock", "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+
+
+def write_manifest(manifest: Manifest) -> None:
+    """Write ``manifest-<split>.json`` and merge the split into ``_info.json``, ``sizes.json`` and ``__len__``.
+
+    The manifest is written last: it marks the split as complete.
+    """
+    root = manifest.root
+    with _sidecar_lock(root):
+        info = _read_json(root / TIMM_INFO, {})
+        info["name"] = manifest.name
+        info.setdefault("splits", {})[manifest.split] = {
+            "name": manifest.split,
+            "num_samples": manifest.num_samples,
+            "filenames": [s.file for s in manifest.shards],
+            "shard_lengths": manifest.counts,
+        }
+        atomic_write_bytes(root / TIMM_INFO, _dump(info))
+        sizes = _read_json(root / SIZES, {})
+        sizes.update({s.file: s.num_samples for s in manifest.shards})
+        atomic_write_bytes(root / SIZES, _dump(sizes))
+        atomic_write_bytes(root / LENGTH, f"{sum(sizes.values())}\n".encode())
+        atomic_write_bytes(manifest_path(root, manifest.split), _dump(manifest.to_json()))
+
+
+def sidecar_counts(directory: Path) -> dict[str, int]:
+    """Shard basename -> record count from any sidecar in ``directory`` (manifests, sizes.json, _info.json)."""
+    counts: dict[str, int] = {}
+    info = _read_json(directory / TIMM_INFO, {})
+    for split in info.get("splits", {}).values():
+        counts.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
+    counts.update({k: int(v) for k, v in _read_json(directory / SIZES, {}).items()})
+    for split in list_splits(directory):
+        try:
+            manifest = read_manifest(directory, split)
+        except DataConfigError:
+            continue
+        counts.update({s.file: s.num_samples for s in manifest.shards})
+    return counts
+
+
+def sidecar_classes(directory: Path, files: set[str]) -> list[str]:
+    """Class names of the manifest whose shards include ``files`` (empty when no manifest lists them)."""
+    for split in list_splits(directory):
+        try:
+            manifest = read_manifest(directory, split)
+        except DataConfigError:
+            continue
+        if files & {s.file for s in manifest.shards}:
+            return manifest.classes
+    return []

@@ -1,0 +1,258 @@
+"""Reading the records of one tar shard, with every failure turned into a typed :class:`DataIssue`.
+
+A *record* is a run of consecutive tar members that share a key (the member path up to the first dot of its
+basename, as webdataset groups them); a repeated member name starts a new record. Records are numbered 0, 1, ...
+in tar order; that index is the record's position in the shard and is what a shard's sample count counts.
+
+Local files are opened seekable, so skipping records reads 512-byte headers only; other URLs (``http(s)://``,
+``pipe:`` ...) are streamed through ``webdataset.gopen`` and skipping reads through the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass, field
+from typing import IO
+
+import webdataset as wds
+
+from ssl_vil.data.errors import DataIssue
+
+# Member extensions that hold an image (compared lower-case); the first one present in a record is used.
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm")
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``"dir/abc.seg.png"`` -> ``("dir/abc", "seg.png")``: the key ends at the first dot of the basename."""
+    head, sep, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{head}/{stem}" if sep else stem), ext
+
+
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file:`` URLs, which are opened seekable."""
+    return url.startswith("file:") or ("://" not in url and not url.startswith("pipe:"))
+
+
+def local_path(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url[len("file:") :] if url.startswith("file:") else url
+
+
+def image_member(members: dict[str, bytes]) -> str | None:
+    """The extension of the record's image member, or None when it has none."""
+    lowered = {ext.lower(): ext for ext in members}
+    for ext in IMAGE_EXTENSIONS:
+        if ext in lowered:
+            return lowered[ext]
+    return None
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """Record ``index`` of a shard: its members' bytes, or ``error`` saying why no sample is there.
+
+    ``events`` are the issues to count when this position is delivered: the record's own problem, a shard failure
+    first seen at this record, or a surplus of records after the last planned one. Each issue is attached to
+    exactly one position, so counting at delivery counts it once however the shard is split between readers.
+    """
+
+    index: int
+    key: str | None
+    members: dict[str, bytes] | None
+    error: DataIssue | None = None
+    events: tuple[DataIssue, ...] = field(default=())
+
+
+class ShardRecordReader:
+    """Sequential reader of one shard's records; ``read(start, stop)`` may skip ahead but never go back.
+
+    ``expected`` is the record count the manifest lists: reaching the end of the tar earlier is a
+    ``truncated_shard`` failure at that record, and a record after the last expected one is ``extra_records``.
+    Once the shard fails, every later record is a hole carrying the failure (counted only at the failing record).
+    """
+
+    def __init__(self, url: str, expected: int | None) -> None:
+        self.url = url
+        self.expected = expected
+        self._file: IO[bytes] | None = None
+        self._tar: tarfile.TarFile | None = None
+        self._seekable = is_local(url)
+        self._opened = False
+        self._next = 0
+        self._pending: tuple[tarfile.TarInfo, bytes | None] | None = None
+        self._eof = False
+        self._keys_seen: set[str] = set()
+        self._failure: DataIssue | None = None
+
+    @property
+    def position(self) -> int:
+        """Index of the next record ``read`` would produce."""
+        return self._next
+
+    def read(self, start: int, stop: int) -> list[RawRecord]:
+        """Records ``start .. stop - 1`` (loaded), skipping records between the current position and ``start``."""
+        if start < self._next:
+            raise ValueError(f"{self.url}: cannot go back from record {self._next} to {start}; open a new reader")
+        out: list[RawRecord] = []
+        while self._next < stop:
+            record = self._read_one(load=self._next >= start)
+            if record is None:
+                raise IndexError(f"{self.url}: record {self._next} requested but the shard has {self._next} records")
+            if record.index >= start:
+                out.append(record)
+        return out
+
+    def count_all(self) -> tuple[int, list[DataIssue]]:
+        """Number of records in the shard (reading headers only where possible) and the issues met."""
+        issues: list[DataIssue] = []
+        while True:
+            record = self._read_one(load=False)
+            if record is None:
+                return self._next, issues
+            issues.extend(record.events)
+            if self._failure is not None:
+                return self._failure.record, issues
+
+    def close(self) -> None:
+        for handle in (self._tar, self._file):
+            if handle is not None:
+                try:
+                    handle.close()
+                except Exception:  # closing a broken stream must not mask the issue already recorded
+                    pass
+        self._tar = None
+        self._file = None
+
+    def __enter__(self) -> ShardRecordReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def _fail(self, category: str, record: int, message: str) -> None:
+        self._failure = DataIssue(category, self.url, record, None, message)
+        self.close()
+
+    def _hole(self) -> RawRecord:
+        assert self._failure is not None
+        index = self._next
+        self._next += 1
+        events = (self._failure,) if index == self._failure.record else ()
+        return RawRecord(index, None, None, error=self._failure, events=events)
+
+    def _open(self) -> None:
+        self._opened = True
+        try:
+            if self._seekable:
+                path = local_path(self.url)
+                if os.path.getsize(path) == 0:
+                    self._fail("empty_shard", 0, "zero-byte shard file")
+                    return
+                self._file = open(path, "rb")
+                self._tar = tarfile.open(fileobj=self._file, mode="r:*")
+            else:
+                self._file = wds.gopen(self.url, "rb")
+                self._tar = tarfile.open(fileobj=self._file, mode="r|*")
+        except tarfile.ReadError as exc:
+            text = str(exc)
+            if "empty file" in text:
+                self._fail("empty_shard", 0, "zero-byte shard (no data in the stream)")
+            elif "truncated" in text or "unexpected end" in text:
+                self._fail("truncated_shard", 0, f"tar ends inside its first header: {text}")
+            else:
+                self._fail("unreadable_shard", 0, f"not a readable tar archive: {text}")
+        except (OSError, ValueError) as exc:
+            self._fail("unreadable_shard", 0, f"cannot open shard: {type(exc).__name__}: {exc}")
+
+    def _next_member(self, load: bool) -> tuple[tarfile.TarInfo, bytes | None] | None:
+        """The next regular-file member, with its bytes when ``load`` (streams must read them now or never)."""
+        assert self._tar is not None
+        while True:
+            info = self._tar.next()
+            if info is None:
+                return None
+            if not info.isfile():
+                continue
+            data = None
+            if load:
+                data = self._member_bytes(info)
+            return info, data
+
+    def _member_bytes(self, info: tarfile.TarInfo) -> bytes:
+        assert self._tar is not None
+        handle = self._tar.extractfile(info)
+        assert handle is not None
+        data = handle.read()
+        if len(data) != info.size:
+            raise tarfile.ReadError(f"member {info.name} has {len(data)} of its {info.size} bytes")
+        return data
+
+    def _read_one(self, load: bool) -> RawRecord | None:
+        if self._failure is not None:
+            return self._hole()
+        if not self._opened:
+            self._open()
+            if self._failure is not None:
+                return self._hole()
+        index = self._next
+        try:
+            first = self._pending
+            self._pending = None
+            if first is None and not self._eof:
+                # Streams cannot go back for the bytes, so they load every member they may need later.
+                first = self._next_member(load=load or not self._seekable)
+            if first is None:
+                self._eof = True
+                if self.expected is not None and index < self.expected:
+                    self._fail(
+                        "truncated_shard",
+                        index,
+                        f"shard ends after {index} records but its manifest lists {self.expected}",
+                    )
+                    return self._hole()
+                return None
+            key, ext = split_member_name(first[0].name)
+            infos: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {ext: first}
+            while True:
+                member = self._next_member(load=load or not self._seekable)
+                if member is None:
+                    self._eof = True
+                    break
+                other_key, other_ext = split_member_name(member[0].name)
+                if other_key != key or other_ext in infos:
+                    self._pending = member
+                    break
+                infos[other_ext] = member
+            members: dict[str, bytes] | None = None
+            if load:
+                members = {}
+                for member_ext, (info, data) in infos.items():
+                    members[member_ext] = data if data is not None else self._member_bytes(info)
+        except (tarfile.ReadError, EOFError, OSError) as exc:
+            self._fail("truncated_shard", index, f"tar is truncated or corrupt at record {index}: {exc}")
+            return self._hole()
+        self._next += 1
+        events: list[DataIssue] = []
+        error: DataIssue | None = None
+        if key in self._keys_seen:
+            error = DataIssue("duplicate_key", self.url, index, key, "key already used by an earlier record")
+        elif image_member({e: b"" for e in infos}) is None:
+            error = DataIssue("missing_image", self.url, index, key, f"no image member among {sorted(infos)}")
+        self._keys_seen.add(key)
+        if error is not None:
+            events.append(error)
+            members = None
+        if self.expected is not None and index == self.expected - 1 and self._pending is not None:
+            events.append(
+                DataIssue(
+                    "extra_records",
+                    self.url,
+                    index + 1,
+                    split_member_name(self._pending[0].name)[0],
+                    f"shard holds more records than the {self.expected} its manifest lists; the rest is not read",
+                )
+            )
+        return RawRecord(index, key, members, error=error, events=tuple(events))

@@ -1,0 +1,397 @@
+"""The training stream: per-rank batches from WebDataset shards, exactly-once per epoch, resumable anywhere.
+
+Design: **slots** (see :mod:`ssl_vil.data.layout`). A global batch of ``G = batch_size * world_size`` has ``G``
+slots; the sample order of an epoch is a pure function of ``(seed, epoch, shard list + counts, G)`` and rank
+``r`` takes slots ``[r*B, (r+1)*B)`` of every global batch. Hence
+
+- every sample is read once per epoch and every rank runs ``batches_per_epoch`` steps (the last global batch may
+  hold padding, flagged in ``batch["padded"]``);
+- the batches do not depend on ``num_workers`` nor on the topology at a fixed ``G``: the cursor is just
+  ``(epoch, batches consumed)``, and a run resumed with other worker counts or another ``world_size x batch_size``
+  with the same ``G`` continues with exactly the batches (keys and augmented views) an uninterrupted run yields;
+- I/O stays local: a slot reads one contiguous region of the epoch's permuted shard sequence (resampled mode: whole
+  shards drawn with replacement), so each shard is read once per epoch in total and local shards are seeked, not
+  streamed, to a region's first record.
+
+Inside a rank, DataLoader worker ``w`` of ``W`` runs the rank's slots ``j`` with ``j % W == w`` (each slot a
+webdataset ``DataPipeline``: raw tar records -> seeded window shuffle -> decode -> transform) and yields one
+partial batch per step; the rank's main process joins the ``W`` parts of a step and applies the collate with a
+generator seeded from ``(seed, epoch, batch index, r*B)``.
+
+Batches: the collate's dict plus ``padded`` (BoolTensor (B,)), ``data_errors`` (issue-counter deltas since the
+previous batch, every key of :data:`ssl_vil.data.error_tally.COUNTER_KEYS`), ``data_error_details`` (shard URL,
+record, key and message of the first issue of each category on this rank), ``epoch`` and ``batch_in_epoch``.
+
+Iterating the stream yields the rest of the current epoch (from the cursor) and then moves the cursor to the next
+epoch; in resampled mode an "epoch" is ``ceil(samples_per_epoch / G)`` steps of the endless stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
+
+import torch
+import webdataset as wds
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ssl_vil.data.collate import default_collate_views
+from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ssl_vil.data.error_tally import ErrorTally
+from ssl_vil.data.errors import DataConfigError, DataIssue
+from ssl_vil.data.layout import EpochLayout
+from ssl_vil.data.seeding import make_generator, stable_seed
+from ssl_vil.data.shardlist import ShardSet, ShardSpec, resolve_shard_set
+from ssl_vil.data.slot_stream import SlotOutput, SlotStream, StreamSpec, Transform
+
+logger = logging.getLogger("ssl_vil.data")
+
+CURSOR_FORMAT = "ssl_vil.data.cursor/1"
+# Cursor fields that must match for a resume to continue the same sample order.
+_FINGERPRINT = ("mode", "seed", "global_batch_size", "shards", "shuffle_window_samples", "drop_last", "samples_per_epoch")
+
+Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]
+
+
+def ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGUSR2 / SIGTERM to the trainer so a preemption can checkpoint."""
+    del worker_id
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _pack_views(views: list[Any]) -> tuple[str, Any]:
+    """Stack one worker's views per view index, so a step crosses the process boundary as a few tensors."""
+    first = views[0]
+    if isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.shape == first.shape for v in views):
+        return "tensor", torch.stack(views)
+    if isinstance(first, (list, tuple)) and all(isinstance(t, Tensor) for t in first):
+        shapes = [t.shape for t in first]
+        if all(isinstance(v, (list, tuple)) and [t.shape for t in v] == shapes for v in views):
+            return "list", [torch.stack([v[i] for v in views]) for i in range(len(shapes))]
+    return "raw", views
+
+
+def _unpack_views(packed: tuple[str, Any], n: int) -> list[Any]:
+    kind, data = packed
+    if kind == "tensor":
+        return [data[i] for i in range(n)]
+    if kind == "list":
+        return [[t[i] for t in data] for i in range(n)]
+    return list(data)
+
+
+class _RankSteps(IterableDataset):
+    """One rank's partial batches for steps ``start .. stop-1``; one item per step from every worker."""
+
+    def __init__(self, spec: StreamSpec, *, rank: int, batch_size: int, epoch: int, start: int, stop: int,
+                 layout: EpochLayout | None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.rank = rank
+        self.batch_size = batch_size
+        self.epoch = epoch
+        self.start = start
+        self.stop = stop
+        self.layout = layout
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iter(wds.DataPipeline(lambda: self._steps(worker, workers), self._pack))
+
+    def _steps(self, worker: int, workers: int) -> Iterator[tuple[int, int, list[int], list[SlotOutput]]]:
+        local = [j for j in range(self.batch_size) if j % workers == worker]
+        streams = [
+            iter(
+                SlotStream(
+                    self.spec, self.rank * self.batch_size + j, start=self.start, stop=self.stop,
+                    epoch=self.epoch, layout=self.layout,
+                )
+            )
+            for j in local
+        ]
+        for step in range(self.start, self.stop):
+            yield step, worker, local, [next(s) for s in streams]
+
+    @staticmethod
+    def _pack(items: Iterator[tuple[int, int, list[int], list[SlotOutput]]]) -> Iterator[dict[str, Any]]:
+        for step, worker, local, outs in items:
+            events: list[DataIssue] = [e for o in outs for e in o.events]
+            yield {
+                "step": step,
+                "worker": worker,
+                "slots": local,
+                "keys": [o.key for o in outs],
+                "labels": [o.label for o in outs],
+                "views": _pack_views([o.views for o in outs]) if outs else ("raw", []),
+                "padded": [o.padded for o in outs],
+                "lost_urls": [o.lost_url for o in outs if o.lost],
+                "events": events,
+            }
+
+
+class TrainStream:
+    """Iterable over one rank's training batches with a resumable cursor (see the module docstring).
+
+    Properties: ``epoch`` (epoch of the next batch), ``batches_consumed`` (batches of that epoch already yielded),
+    ``batches_per_epoch`` (steps per epoch, equal on every rank), ``samples_per_epoch``, ``global_batch_size``,
+    ``classes``, ``error_totals``. ``state_dict()`` / ``load_state_dict()`` save and restore the cursor; the state
+    is the same on every rank and holds no topology.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        mode: Literal["epoch", "resampled"],
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        transform: Transform,
+        collate: Collate = default_collate_views,
+        samples_per_epoch: int | None = None,
+        error_budget_fraction: float | None = 0.01,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        shuffle_window_samples: int = 64,
+        drop_last: bool = False,
+        prefetch_factor: int = 2,
+        multiprocessing_context: str | None = None,
+        worker_timeout_s: float = 0.0,
+    ) -> None:
+        if mode not in ("epoch", "resampled"):
+            raise DataConfigError(f"data mode must be 'epoch' or 'resampled', got {mode!r}")
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise DataConfigError(
+                f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
+                f"batch_size={batch_size}, rank={rank}, world_size={world_size}, num_workers={num_workers}"
+            )
+        if shuffle_window_samples < 1:
+            raise DataConfigError(f"shuffle_window_samples must be >= 1, got {shuffle_window_samples}")
+        readers = world_size * max(1, num_workers)
+        if len(shards.urls) < readers:
+            raise DataConfigError(
+                f"fewer shards than workers: {len(shards.urls)} shard(s) for {world_size} rank(s) x "
+                f"{max(1, num_workers)} worker(s) = {readers} reader slots; write more, smaller shards "
+                "(make_shards --maxcount) or lower data.num_workers"
+            )
+        if num_workers > batch_size:
+            logger.warning("num_workers=%d > batch_size=%d: %d workers stay idle", num_workers, batch_size,
+                           num_workers - batch_size)
+        self.shards = shards
+        self.mode = mode
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.collate = collate
+        self.drop_last = drop_last
+        self.prefetch_factor = prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
+        self.worker_timeout_s = worker_timeout_s
+        self.shuffle_window_samples = shuffle_window_samples
+        self._samples_per_epoch_arg = samples_per_epoch
+        self._spec = StreamSpec(
+            urls=shards.urls, counts=shards.counts, seed=seed, mode=mode, window=shuffle_window_samples,
+            global_batch=self.global_batch_size, transform=transform, max_pixels=max_image_pixels,
+        )
+        if mode == "epoch":
+            probe = self._layout(0)  # validates sizes; slot lengths are the same every epoch
+            self._batches_per_epoch = probe.steps
+            self._samples_per_epoch = probe.num_real
+            planned = sum(probe.slot_lengths[rank * batch_size : (rank + 1) * batch_size])
+        else:
+            total = shards.num_samples if samples_per_epoch is None else samples_per_epoch
+            if total < 1:
+                raise DataConfigError(f"samples_per_epoch must be >= 1, got {total}")
+            if not any(shards.counts):
+                raise DataConfigError("every shard is empty; nothing to resample from")
+            self._batches_per_epoch = math.ceil(total / self.global_batch_size)
+            self._samples_per_epoch = total
+            planned = self._batches_per_epoch * batch_size
+        self._tally = ErrorTally(budget_fraction=error_budget_fraction, planned_per_epoch=planned, rank=rank)
+        self._epoch = 0
+        self._consumed = 0
+
+    # -- cursor ----------------------------------------------------------------------------------------------
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self._batches_per_epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self._samples_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch + (1 if self._consumed >= self._batches_per_epoch else 0)
+
+    @property
+    def batches_consumed(self) -> int:
+        return 0 if self._consumed >= self._batches_per_epoch else self._consumed
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.shards.classes
+
+    @property
+    def error_totals(self) -> dict[str, int]:
+        return dict(self._tally.totals)
+
+    def __len__(self) -> int:
+        return self._batches_per_epoch
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "shards": self.shards.digest(),
+            "shuffle_window_samples": self.shuffle_window_samples,
+            "drop_last": self.drop_last,
+            "samples_per_epoch": self._samples_per_epoch_arg,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"format", "epoch", "batches_consumed", <fingerprint>}``; identical on every rank."""
+        return {"format": CURSOR_FORMAT, "epoch": self.epoch, "batches_consumed": self.batches_consumed,
+                **self._fingerprint()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a saved cursor; refuses one whose sample order differs (other data, seed, G ...)."""
+        if state.get("format") != CURSOR_FORMAT:
+            raise DataConfigError(f"data cursor format {state.get('format')!r}, expected {CURSOR_FORMAT!r}")
+        mine = self._fingerprint()
+        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _FINGERPRINT if state.get(k) != mine[k]]
+        if diff:
+            raise DataConfigError("data cursor does not match this stream: " + "; ".join(diff))
+        consumed = int(state["batches_consumed"])
+        if not 0 <= consumed <= self._batches_per_epoch:
+            raise DataConfigError(f"data cursor batches_consumed={consumed} outside 0..{self._batches_per_epoch}")
+        self._epoch = int(state["epoch"])
+        self._consumed = consumed
+
+    # -- iteration -------------------------------------------------------------------------------------------
+
+    def _layout(self, epoch: int) -> EpochLayout:
+        return EpochLayout(
+            self.shards.counts, seed=self.seed, epoch=epoch, global_batch=self.global_batch_size,
+            drop_last=self.drop_last, samples_per_epoch=self._samples_per_epoch_arg,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._consumed >= self._batches_per_epoch:
+            self._epoch, self._consumed = self._epoch + 1, 0
+        epoch, first = self._epoch, self._consumed
+        if first == 0:
+            self._tally.new_epoch()
+        # Resampled steps are positions in one endless stream; epoch steps restart at 0 every epoch.
+        offset = epoch * self._batches_per_epoch if self.mode == "resampled" else 0
+        steps = _RankSteps(
+            self._spec, rank=self.rank, batch_size=self.batch_size, epoch=epoch,
+            start=offset + first, stop=offset + self._batches_per_epoch,
+            layout=self._layout(epoch) if self.mode == "epoch" else None,
+        )
+        workers = max(1, self.num_workers)
+        loader: Any
+        if self.num_workers == 0:
+            loader = steps
+        else:
+            loader = DataLoader(
+                steps, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                persistent_workers=False, worker_init_fn=ignore_preemption_signals,
+                multiprocessing_context=self.multiprocessing_context, timeout=self.worker_timeout_s,
+            )
+        parts_iter = iter(loader)
+        try:
+            for index in range(first, self._batches_per_epoch):
+                parts = [next(parts_iter) for _ in range(workers)]
+                for worker, part in enumerate(parts):
+                    if part["step"] != offset + index or part["worker"] != worker:
+                        raise RuntimeError(
+                            f"data worker order broken: expected step {offset + index} from worker {worker}, got "
+                            f"step {part['step']} from worker {part['worker']}"
+                        )
+                batch = self._assemble(parts, epoch, index)
+                self._consumed = index + 1
+                self._tally.check_budget()
+                yield batch
+        finally:
+            del parts_iter
+        self._epoch, self._consumed = epoch + 1, 0
+
+    def _assemble(self, parts: list[dict[str, Any]], epoch: int, index: int) -> dict[str, Any]:
+        samples: list[dict[str, Any] | None] = [None] * self.batch_size
+        padded = [False] * self.batch_size
+        events: list[DataIssue] = []
+        lost: list[str] = []
+        for part in parts:
+            views = _unpack_views(part["views"], len(part["slots"]))
+            for j, key, label, view, pad in zip(part["slots"], part["keys"], part["labels"], views, part["padded"]):
+                samples[j] = {"key": key, "label": label, "views": view}
+                padded[j] = pad
+            events.extend(part["events"])
+            lost.extend(part["lost_urls"])
+        generator = make_generator(stable_seed(self.seed, "collate", epoch, index, self.rank * self.batch_size))
+        batch = self.collate([s for s in samples if s is not None], generator)
+        if not isinstance(batch, dict):
+            raise TypeError(f"collate must return a dict, got {type(batch).__name__}")
+        deltas, details = self._tally.add(events, lost)
+        batch["padded"] = torch.tensor(padded, dtype=torch.bool)
+        batch["data_errors"] = deltas
+        batch["data_error_details"] = details
+        batch["epoch"] = epoch
+        batch["batch_in_epoch"] = index
+        return batch
+
+
+def build_train_stream(
+    urls_or_dir: ShardSpec,
+    *,
+    mode: Literal["epoch", "resampled"] = "epoch",
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    transform: Transform,
+    collate: Collate = default_collate_views,
+    samples_per_epoch: int | None = None,
+    error_budget_fraction: float | None = 0.01,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    allow_pipe: bool = False,
+    split: str | None = None,
+    shard_sizes: Mapping[str, int] | None = None,
+    shuffle_window_samples: int = 64,
+    drop_last: bool = False,
+    prefetch_factor: int = 2,
+    multiprocessing_context: str | None = None,
+    worker_timeout_s: float = 0.0,
+) -> TrainStream:
+    """The training stream of rank ``rank`` over the shards of ``urls_or_dir`` (see :class:`TrainStream`).
+
+    ``batch_size`` is per rank; ``transform(image, generator)`` maps an RGB PIL image to the sample's views;
+    ``samples_per_epoch`` (None: all records) sizes an epoch; ``error_budget_fraction`` (None: off) bounds the
+    fraction of an epoch's planned samples that bad data may cost; ``shuffle_window_samples`` is the raw-record
+    shuffle window per slot (memory per rank ~ ``batch_size x window x`` mean encoded sample size).
+    """
+    shards = resolve_shard_set(urls_or_dir, split=split, allow_pipe=allow_pipe, shard_sizes=shard_sizes)
+    return TrainStream(
+        shards, mode=mode, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+        num_workers=num_workers, transform=transform, collate=collate, samples_per_epoch=samples_per_epoch,
+        error_budget_fraction=error_budget_fraction, max_image_pixels=max_image_pixels,
+        shuffle_window_samples=shuffle_window_samples, drop_last=drop_last, prefetch_factor=prefetch_factor,
+        multiprocessing_context=multiprocessing_context, worker_timeout_s=worker_timeout_s,
+    )

@@ -1,0 +1,128 @@
+"""Frozen-backbone features for evaluation: pooled "[CLS]" / "[AVG]" vectors and per-block-pair grids.
+
+ViL has no class token. "[CLS]" is the model's bilateral pooling of the final-norm tokens (v2: concat of the
+first and last token, (B, 2d)); "[AVG]" is the mean of all final-norm tokens, (B, d). Both are taken before
+any classifier-side norm, i.e. what the SSL heads see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens
+from ssl_vil.evaluation.progress import Progress
+
+FEATURE_SPECS: tuple[str, ...] = ("cls", "avg", "cls+avg")
+
+
+def cls_pooling_of(model: nn.Module, info: Mapping[str, Any] | None = None) -> str:
+    """Pooling that defines "[CLS]": the run's pooling from ``info``, else the model's, else bilateral concat."""
+    kind = (info or {}).get("pooling") or getattr(model, "global_pool", None) or "bilateral_concat"
+    kind = canonical_pooling(kind)
+    return "bilateral_concat" if kind == "avg" else kind
+
+
+def pooled_features(tokens: torch.Tensor, spec: str, cls_pooling: str = "bilateral_concat") -> torch.Tensor:
+    """Final-norm tokens (B, S, d) -> features (B, D) for ``spec`` in FEATURE_SPECS (not normalised).
+
+    "cls" -> (B, 2d) for bilateral concat; "avg" -> (B, d); "cls+avg" -> their concat.
+    """
+    if spec not in FEATURE_SPECS:
+        raise ValueError(f"unknown feature spec {spec!r}; expected one of {FEATURE_SPECS}")
+    parts = []
+    if spec in ("cls", "cls+avg"):
+        parts.append(pool_tokens(tokens, cls_pooling))
+    if spec in ("avg", "cls+avg"):
+        parts.append(pool_tokens(tokens, "avg"))
+    return torch.cat(parts, dim=1)
+
+
+def block_features(
+    model: nn.Module, images: torch.Tensor, n_last_blocks: int, cls_pooling: str = "bilateral_concat"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] of each of the last ``n_last_blocks`` block pairs (each after the final norm) and the last pair's [AVG].
+
+    Returns cls (B, n, Dc) oldest first, avg (B, d). Uses the timm ``forward_intermediates`` contract.
+    """
+    depth = len(model.blocks)
+    if not 1 <= n_last_blocks <= depth:
+        raise ValueError(f"n_last_blocks must be in [1, {depth}] for this model, got {n_last_blocks}")
+    inter = model.forward_intermediates(images, indices=n_last_blocks, norm=True, output_fmt="NLC",
+                                        intermediates_only=True)
+    cls = torch.stack([pool_tokens(t, cls_pooling) for t in inter], dim=1)
+    return cls, pool_tokens(inter[-1], "avg")
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (eval runs in the teacher's training precision); fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class FeatureSet:
+    """Features of this rank's share of a split: features (N, D) float32, labels (N,) int64, keys (N)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    keys: list[str]
+
+
+@torch.no_grad()
+def extract(
+    batches: Iterable[Mapping[str, Any]],
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    device: torch.device,
+    progress: Progress | None = None,
+    normalize: bool = False,
+) -> FeatureSet:
+    """Run ``fn(images) -> (B, D)`` over batches of ``{"keys", "labels", "images"}``; results on CPU, float32.
+
+    Raises ValueError when a key repeats within this rank (each sample must be seen exactly once).
+    """
+    feats, labels, keys = [], [], []
+    with autocast_for(device):
+        for batch in batches:
+            images = batch["images"].to(device, non_blocking=True)
+            out = fn(images).float()
+            if normalize:
+                out = F.normalize(out, dim=1)
+            feats.append(out.cpu())
+            labels.append(torch.as_tensor(batch["labels"], dtype=torch.long).cpu())
+            keys.extend(str(k) for k in batch["keys"])
+            if progress is not None:
+                progress.update(images.shape[0])
+    if progress is not None:
+        progress.close()
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"sample key {dup!r} was delivered twice; every sample must be read exactly once")
+    if not feats:
+        return FeatureSet(torch.empty(0, 0), torch.empty(0, dtype=torch.long), [])
+    return FeatureSet(torch.cat(feats), torch.cat(labels), keys)
+
+
+def check_disjoint_across_ranks(keys: list[str], split: str) -> int:
+    """Raise if two ranks hold the same key; returns the global sample count (collective when distributed)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return len(keys)
+    gathered: list[list[str] | None] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(gathered, keys)
+    seen: dict[str, int] = {}
+    for rank, rank_keys in enumerate(gathered):
+        for k in rank_keys or []:
+            if k in seen:
+                raise ValueError(f"{split}: sample {k!r} was read by rank {seen[k]} and rank {rank}")
+            seen[k] = rank
+    return len(seen)

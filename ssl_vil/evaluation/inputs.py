@@ -1,0 +1,141 @@
+"""Evaluation inputs: a WebDataset shard set or a torchvision ImageFolder, read exactly once across ranks.
+
+Both yield batches ``{"keys": list[str], "labels": (B,) int64, "images": (B, 3, H, W) float}``. Shards go
+through :func:`ssl_vil.data.build_eval_stream`; an ImageFolder is split by index (sample i -> rank i % world).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+# DINO / DINOv2 k-NN and linear eval: resize 256 -> center crop 224, i.e. crop fraction 0.875.
+DEFAULT_CROP_PCT = 0.875
+
+
+def eval_transform(img_size: int, mean: Iterable[float], std: Iterable[float],
+                   crop_pct: float = DEFAULT_CROP_PCT) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> (3, img_size, img_size): bicubic resize of the short side to img_size / crop_pct, center crop."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    resize = int(math.floor(img_size / crop_pct + 1e-6))
+    return transforms.Compose([
+        transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=list(mean), std=list(std)),
+    ])
+
+
+def is_image_folder(source: str | os.PathLike[str]) -> bool:
+    """A local directory of class sub-directories (torchvision ImageFolder), as opposed to a shard directory."""
+    path = Path(source)
+    if not path.is_dir():
+        return False
+    entries = list(path.iterdir())
+    if any(e.suffix == ".tar" or e.name.startswith("manifest-") for e in entries):
+        return False
+    return any(e.is_dir() and not e.name.startswith(".") for e in entries)
+
+
+class _KeyedImageFolder(torch.utils.data.Dataset):
+    """(image, label, key) for the given indices of an ImageFolder; key = path relative to the root."""
+
+    def __init__(self, folder: ImageFolder, indices: list[int]) -> None:
+        self.folder, self.indices = folder, indices
+        self.root = Path(folder.root)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        path, label = self.folder.samples[self.indices[i]]
+        image = self.folder.transform(self.folder.loader(path))
+        return image, label, str(Path(path).relative_to(self.root))
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> dict[str, Any]:
+    images, labels, keys = zip(*items)
+    return {"keys": list(keys), "labels": torch.tensor(labels, dtype=torch.long), "images": torch.stack(images)}
+
+
+@dataclass
+class EvalSource:
+    """One split to evaluate: ``batches()`` yields this rank's share; sizes are global when known."""
+
+    description: str
+    num_samples: int | None
+    classes: list[str]
+    _make: Callable[[], Iterable[dict[str, Any]]]
+
+    def batches(self) -> Iterator[dict[str, Any]]:
+        yield from self._make()
+
+
+def open_eval_source(
+    source: str,
+    *,
+    transform: Callable[[Any], torch.Tensor],
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    split: str | None = None,
+) -> EvalSource:
+    """Open ``source`` (ImageFolder directory, or shard dir / glob / URL) for one exactly-once pass."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if is_image_folder(source):
+        return _image_folder_source(source, transform, batch_size, rank, world_size, num_workers)
+    return _shard_source(source, transform, batch_size, rank, world_size, num_workers, split)
+
+
+def _image_folder_source(root: str, transform, batch_size, rank, world_size, num_workers) -> EvalSource:
+    folder = ImageFolder(root, transform=transform)
+    indices = list(range(rank, len(folder), world_size))
+
+    def make() -> Iterable[dict[str, Any]]:
+        return torch.utils.data.DataLoader(
+            _KeyedImageFolder(folder, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+            collate_fn=_collate, persistent_workers=False,
+        )
+
+    return EvalSource(f"ImageFolder {root}", len(folder), list(folder.classes), make)
+
+
+def _shard_source(source, transform, batch_size, rank, world_size, num_workers, split) -> EvalSource:
+    from ssl_vil import data as ssl_data
+
+    build = getattr(ssl_data, "build_eval_stream", None)
+    if build is None:
+        raise RuntimeError("ssl_vil.data.build_eval_stream is not available; shard inputs cannot be read")
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
+                                  num_workers=num_workers)
+    if split is not None and "split" in inspect.signature(build).parameters:
+        kwargs["split"] = split
+    num_samples, classes = _shard_metadata(source, split)
+
+    def make() -> Iterable[dict[str, Any]]:
+        return build(source, **kwargs)
+
+    return EvalSource(f"shards {source}" + (f" [{split}]" if split else ""), num_samples, classes, make)
+
+
+def _shard_metadata(source: str, split: str | None) -> tuple[int | None, list[str]]:
+    """Global sample count and class names from the shard sidecars, when they can be read."""
+    try:
+        from ssl_vil.data.shardlist import resolve_shard_set
+
+        shard_set = resolve_shard_set(source, split=split)
+        return shard_set.num_samples, list(shard_set.classes)
+    except Exception:  # noqa: BLE001 - metadata only feeds the progress ETA and the report
+        return None, []

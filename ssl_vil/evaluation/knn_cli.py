@@ -1,0 +1,170 @@
+"""k-NN evaluation of a pretrained backbone (DINO / DINOv2 protocol); the code behind ``eval/knn.py``.
+
+    python eval/knn.py --weights RUN --train-data D --val-data D [--k 10 20 100 200] [--temperature 0.07]
+        [--features cls|avg|cls+avg] [--backend torch|faiss] [--batch-size 256] [--output-dir OUT]
+    torchrun --nproc_per_node=N eval/knn.py ...        (train features stay sharded across ranks)
+
+``--weights``: a run dir (newest valid checkpoint's teacher), a checkpoint step folder, an exported
+``teacher_backbone.safetensors`` (``model.json`` beside it), or any other ViL weights file with ``--model``.
+``D``: a shard directory / glob / URL, or an ImageFolder directory; every sample is used exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_vil.dist import barrier, init_distributed
+from ssl_vil.evaluation import features as feats
+from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, eval_transform, open_eval_source
+from ssl_vil.evaluation.knn import BACKENDS, knn_classify
+from ssl_vil.evaluation.progress import Progress
+from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
+from ssl_vil.evaluation.weights_id import weights_sha256
+
+logger = logging.getLogger("ssl_vil.evaluation")
+
+RESULTS_FILE = "results_knn.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/knn.py", description="k-NN evaluation of a pretrained ViL backbone")
+    p.add_argument("--weights", required=True, help="run dir | checkpoint folder | exported .safetensors | weights file")
+    p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
+    p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
+    p.add_argument("--val-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
+    p.add_argument("--train-split", default=None, help="split name when --train-data holds several (e.g. train)")
+    p.add_argument("--val-split", default=None, help="split name when --val-data holds several (e.g. val)")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+    p.add_argument("--features", choices=feats.FEATURE_SPECS, default="cls",
+                   help='"[CLS]" = bilateral pooled token (default), "[AVG]" = mean token, or their concat')
+    p.add_argument("--backend", choices=BACKENDS, default="torch")
+    p.add_argument("--faiss-fp16", action="store_true", help="faiss GPU index in float16")
+    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per process")
+    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretraining size")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help=f"center-crop fraction (resize = img_size / crop_pct); default: model info or {DEFAULT_CROP_PCT}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--output-dir", default=None, help=f"writes {RESULTS_FILE} there (rank 0)")
+    return p
+
+
+def _checked(args: argparse.Namespace) -> argparse.Namespace:
+    if any(k < 1 for k in args.k):
+        raise SystemExit(f"--k values must be >= 1, got {args.k}")
+    if args.temperature <= 0:
+        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0)."""
+    args = _checked(build_parser().parse_args(argv))
+    t_start = time.perf_counter()
+    dist = init_distributed(device=args.device)
+    setup_logging(dist.rank)
+
+    from ssl_vil.export import load_pretrained_backbone
+
+    model, info = load_pretrained_backbone(args.weights, args.model)
+    model = model.to(dist.device).eval()
+    img_size = args.img_size or int(info["img_size"])
+    crop_pct = args.crop_pct if args.crop_pct is not None else float(info.get("crop_pct", DEFAULT_CROP_PCT))
+    transform = eval_transform(img_size, info["mean"], info["std"], crop_pct)
+    cls_pooling = feats.cls_pooling_of(model, info)
+    t_loaded = time.perf_counter()
+
+    def feature_fn(images: torch.Tensor) -> torch.Tensor:
+        return feats.pooled_features(model.forward_features(images), args.features, cls_pooling)
+
+    sets: dict[str, feats.FeatureSet] = {}
+    sizes: dict[str, int] = {}
+    times: dict[str, float] = {"load_s": t_loaded - t_start}
+    for split, data, split_name in (("train", args.train_data, args.train_split), ("val", args.val_data, args.val_split)):
+        source = open_eval_source(data, transform=transform, batch_size=args.batch_size, rank=dist.rank,
+                                  world_size=dist.world_size, num_workers=args.num_workers, split=split_name)
+        logger.info("%s: %s (%s samples)", split, source.description, source.num_samples or "unknown")
+        expected_local = -(-source.num_samples // dist.world_size) if source.num_samples else None
+        t0 = time.perf_counter()
+        progress = Progress(f"{split} features", expected_local, enabled=dist.is_main)
+        sets[split] = feats.extract(source.batches(), feature_fn, device=dist.device, progress=progress,
+                                    normalize=True)
+        sizes[split] = feats.check_disjoint_across_ranks(sets[split].keys, split)
+        if source.num_samples is not None and sizes[split] != source.num_samples:
+            raise RuntimeError(f"{split}: read {sizes[split]} samples but {source.description} holds "
+                               f"{source.num_samples}; every sample must be used exactly once")
+        times[f"{split}_features_s"] = time.perf_counter() - t0
+    if sizes["train"] == 0 or sizes["val"] == 0:
+        raise RuntimeError(f"empty split: {sizes['train']} train and {sizes['val']} val samples")
+    dim = _feature_dim(sets, dist.device)
+
+    t0 = time.perf_counter()
+    train, val = sets["train"], sets["val"]
+    counts = knn_classify(
+        _as_features(val.features, dim).to(dist.device), val.labels.to(dist.device),
+        _as_features(train.features, dim).to(dist.device), train.labels.to(dist.device),
+        args.k, temperature=args.temperature, backend=args.backend, faiss_fp16=args.faiss_fp16,
+    )
+    times["knn_s"] = time.perf_counter() - t0
+    times["total_s"] = time.perf_counter() - t_start
+
+    results: dict[str, Any] = {
+        "protocol": "knn",
+        "weights": str(args.weights),
+        "weights_sha256": weights_sha256(info.get("source", args.weights)),
+        "weights_source": str(info.get("source", args.weights)),
+        "model": info["model"],
+        "model_kwargs": info.get("kwargs", {}),
+        "features": {
+            "spec": args.features, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
+            "img_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
+            "mean": list(info["mean"]), "std": list(info["std"]),
+        },
+        "train_data": args.train_data, "val_data": args.val_data,
+        "n_train": sizes["train"], "n_val": sizes["val"],
+        "temperature": args.temperature, "backend": args.backend, "world_size": dist.world_size,
+        "device": str(dist.device),
+        "results": [
+            {"k": c.k, "k_effective": c.k_effective, "top1": c.top1, "top5": c.top5} for c in counts
+        ],
+        "elapsed": times,
+    }
+    summary = "kNN ({} {}, T={:g}, n_train={}, n_val={}): ".format(
+        args.features, cls_pooling if args.features != "avg" else "mean", args.temperature, sizes["train"],
+        sizes["val"]) + "; ".join(
+        f"k={c.k}{'' if c.k == c.k_effective else f'(={c.k_effective})'} top1 {c.top1:.2f} top5 {c.top5:.2f}"
+        for c in counts)
+    results["summary"] = summary
+    if dist.is_main:
+        if args.output_dir is not None:
+            path = write_json_atomic(Path(args.output_dir) / RESULTS_FILE, results)
+            logger.info("wrote %s", path)
+        print(summary, flush=True)
+    barrier()
+    return results
+
+
+def _feature_dim(sets: dict[str, feats.FeatureSet], device: torch.device) -> int:
+    """Feature size, agreed across ranks (a rank with no samples has no tensor to read it from)."""
+    local = max((s.features.shape[1] for s in sets.values() if s.features.numel()), default=0)
+    t = torch.tensor([local], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _as_features(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return x if x.numel() else x.new_empty(0, dim)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Student/teacher self-distillation (DINO, iBOT, DINOv2 share this machinery; they differ in loss weights).
+
+Per micro-batch, :meth:`SelfDistillationObjective.forward` runs the teacher (no grad) on the unmasked global
+crops and the student on the masked global crops and the local crops, and returns the weighted loss, its
+terms and diagnostics. Loss state changes only at optimizer-step boundaries, called by the trainer:
+
+    out = objective(batch, teacher_temp=...)        # any number of micro-batches
+    out["loss"].backward()
+    optimizer.step()
+    objective.update_teacher(momentum)              # EMA of student -> teacher
+    objective.commit_step()                         # centers move once, from all micro-batches and ranks
+    # or, for a skipped step: objective.discard_step()
+
+Centers, pending center sums, student and teacher are all in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ssl_vil.backbones.pooling import pooled_dim
+from ssl_vil.heads import DINOHead, DINOHeadConfig, check_head_sharing
+from ssl_vil.losses import (
+    EMACenter,
+    centered_teacher_probs,
+    dino_cross_entropy,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp,
+)
+from ssl_vil.objectives.network import SSLNetwork
+from ssl_vil.teacher import ema_update, make_teacher
+
+CENTERING_MODES = ("ema", "sinkhorn_knopp")
+
+
+@dataclass(kw_only=True, slots=True)
+class ObjectiveConfig:
+    """Settings of a :class:`SelfDistillationObjective`.
+
+    Attributes:
+        pooling: pooled representation for the DINO head and KoLeo ("bilateral_concat", "bilateral_avg",
+            "avg", ...; see ``ssl_vil.backbones.pooling``).
+        dino_head: DINO head settings.
+        ibot_head: iBOT head settings (None: same as ``dino_head``); ignored when ``shared_head``.
+        shared_head: one head for both losses (needs pooled width == token width).
+        centering: "ema" (teacher centering) or "sinkhorn_knopp".
+        center_momentum: EMA momentum of the centers.
+        sinkhorn_iterations: Sinkhorn-Knopp iterations.
+        student_temp: student softmax temperature.
+        dino_weight / ibot_weight / koleo_weight: loss weights; a zero weight removes the term (and, for
+            iBOT, the patch head and the student masking).
+        koleo_eps: KoLeo distance floor.
+    """
+
+    pooling: str = "bilateral_concat"
+    dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
+    ibot_head: DINOHeadConfig | None = None
+    shared_head: bool = False
+    centering: str = "ema"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    student_temp: float = 0.1
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    koleo_weight: float = 0.1
+    koleo_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.centering not in CENTERING_MODES:
+            raise ValueError(f"ObjectiveConfig.centering must be one of {CENTERING_MODES}, got {self.centering!r}")
+        for name in ("dino_weight", "ibot_weight", "koleo_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.dino_weight == 0:
+            raise ValueError("ObjectiveConfig.dino_weight must be > 0 (the image-level loss drives training)")
+        if self.student_temp <= 0:
+            raise ValueError(f"ObjectiveConfig.student_temp must be > 0, got {self.student_temp}")
+        if self.sinkhorn_iterations < 1:
+            raise ValueError(f"ObjectiveConfig.sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+
+    @property
+    def uses_ibot(self) -> bool:
+        return self.ibot_weight > 0
+
+    @property
+    def uses_koleo(self) -> bool:
+        return self.koleo_weight > 0
+
+
+class SelfDistillationObjective(nn.Module):
+    """Owns the student (:class:`SSLNetwork`), its EMA teacher and the loss centers.
+
+    Backbone parameters on the classification path only (the pre-head norm of released ViL checkpoints,
+    ``legacy_norm``, and a classifier) never see a gradient here; they are frozen and their names listed
+    in ``frozen_backbone_parameters`` so that DDP does not wait for their gradients.
+    """
+
+    def __init__(self, backbone: nn.Module, cfg: ObjectiveConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        token_dim = int(backbone.embed_dim)
+        in_dim = pooled_dim(token_dim, cfg.pooling)
+        shared = cfg.uses_ibot and cfg.shared_head
+        if cfg.uses_ibot:
+            check_head_sharing(in_dim, token_dim, cfg.shared_head)
+        self.frozen_backbone_parameters = _freeze_classifier_path(backbone)
+        dino_head = DINOHead(in_dim, cfg.dino_head)
+        ibot_head = None
+        if cfg.uses_ibot and not shared:
+            ibot_head = DINOHead(token_dim, cfg.ibot_head if cfg.ibot_head is not None else cfg.dino_head)
+        self.student = SSLNetwork(backbone, dino_head, ibot_head, pooling=cfg.pooling, share_head=shared)
+        self.teacher = make_teacher(self.student)
+        self.teacher.backbone.eval()
+        self.dino_center: EMACenter | None = None
+        self.ibot_center: EMACenter | None = None
+        if cfg.centering == "ema":
+            self.dino_center = EMACenter(dino_head.out_dim, cfg.center_momentum)
+            if cfg.uses_ibot:
+                patch_head = self.student.patch_head
+                assert patch_head is not None
+                self.ibot_center = EMACenter(patch_head.out_dim, cfg.center_momentum)
+        # The callable used for the student forward; a trainer may replace it by a DDP wrapper of
+        # ``self.student``. Stored outside the module tree so it never enters state_dict().
+        object.__setattr__(self, "_student_forward", self.student)
+
+    # ------------------------------------------------------------------------------------------ trainer API
+    def wrap_student(self, wrapper: Callable[[SSLNetwork], nn.Module]) -> nn.Module:
+        """Route the student forward through ``wrapper(self.student)`` (e.g. DistributedDataParallel)."""
+        wrapped = wrapper(self.student)
+        object.__setattr__(self, "_student_forward", wrapped)
+        return wrapped
+
+    def train(self, mode: bool = True) -> SelfDistillationObjective:
+        """Student and teacher heads follow ``mode``; the teacher backbone always runs in eval mode (no
+        stochastic depth or dropout in the teacher, as the original recipes build it without them). Teacher
+        heads stay in train mode so that BatchNorm (if enabled) uses batch statistics, as in DINO."""
+        super().train(mode)
+        self.teacher.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA step teacher <- momentum·teacher + (1 - momentum)·student, after an optimizer step."""
+        ema_update(self.teacher, self.student, momentum)
+
+    def commit_step(self) -> None:
+        """Apply the center updates accumulated since the last commit (once per optimizer step)."""
+        for center in self._centers():
+            center.commit()
+
+    def discard_step(self) -> None:
+        """Forget the pending center updates of a skipped optimizer step."""
+        for center in self._centers():
+            center.discard()
+
+    def _centers(self) -> list[EMACenter]:
+        return [c for c in (self.dino_center, self.ibot_center) if c is not None]
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict[str, Any], *, teacher_temp: float) -> dict[str, Tensor]:
+        """Loss and diagnostics of one (micro-)batch from ``ssl_vil.masking.MultiCropMaskCollate``.
+
+        Returns scalar tensors: ``loss`` (weighted total), ``dino``, ``ibot``, ``koleo`` (unweighted; 0 when
+        off), ``teacher_entropy`` (mean entropy of the DINO teacher targets, nats), ``teacher_entropy_ratio``
+        (entropy / ln K; 1 = uniform collapse), ``student_teacher_kl`` (mean KL(teacher || student) over the
+        DINO view pairs), ``center_norm`` (L2 norm of the DINO center; 0 with Sinkhorn-Knopp),
+        ``mask_ratio`` (masked fraction of global-crop patches).
+        """
+        cfg = self.cfg
+        global_crops: Tensor = batch["global_crops"]
+        local_crops: Tensor | None = batch.get("local_crops")
+        batch_size = int(batch["labels"].shape[0])
+        n_global = global_crops.shape[0] // batch_size
+        n_local = 0 if local_crops is None else local_crops.shape[0] // batch_size
+        if n_global * batch_size != global_crops.shape[0]:
+            raise ValueError(
+                f"global_crops has {global_crops.shape[0]} rows, not a multiple of the batch size {batch_size}"
+            )
+
+        masks = mask_indices = mask_weights = valid = None
+        if cfg.uses_ibot:
+            masks, mask_indices, mask_weights, valid = self._patch_targets(batch)
+
+        with torch.no_grad():
+            teacher_out = self.teacher(global_crops, None, None, mask_indices)
+            teacher_probs = self._teacher_targets(teacher_out["global_logits"], teacher_temp, None, self.dino_center)
+            teacher_patch_probs = None
+            if cfg.uses_ibot:
+                teacher_patch_probs = self._teacher_targets(
+                    teacher_out["patch_logits"], teacher_temp, valid, self.ibot_center
+                )
+
+        student_out = self._student_forward(global_crops, local_crops, masks, mask_indices)
+        student_logits = student_out["global_logits"]
+        if student_out["local_logits"] is not None:
+            student_logits = torch.cat([student_logits, student_out["local_logits"]], dim=0)
+        dino = dino_cross_entropy(
+            student_logits,
+            teacher_probs,
+            n_student_views=n_global + n_local,
+            n_teacher_views=n_global,
+            student_temp=cfg.student_temp,
+        )
+        zero = dino.new_zeros(())
+        ibot = koleo = zero
+        if cfg.uses_ibot:
+            assert teacher_patch_probs is not None and mask_weights is not None
+            ibot = ibot_patch_loss(
+                student_out["patch_logits"],
+                teacher_patch_probs,
+                mask_weights,
+                n_images=n_global * batch_size,
+                student_temp=cfg.student_temp,
+            )
+        if cfg.uses_koleo:
+            # Per global view, as DINOv2 (summed over views): neighbours are searched within one view.
+            koleo = sum(koleo_loss(chunk, cfg.koleo_eps) for chunk in student_out["global_pooled"].chunk(n_global))
+        loss = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(teacher_probs, teacher_probs).sum(dim=-1).mean()
+            diagnostics = {
+                "teacher_entropy": entropy,
+                "teacher_entropy_ratio": entropy / math.log(teacher_probs.shape[-1]),
+                # Every teacher view appears in the same number of pairs, so the pair-mean KL is the
+                # pair-mean cross-entropy minus the mean teacher entropy.
+                "student_teacher_kl": dino.detach() - entropy,
+                "center_norm": self.dino_center.center.norm() if self.dino_center is not None else zero,
+                "mask_ratio": masks.float().mean() if masks is not None else zero,
+            }
+        return {"loss": loss, "dino": dino, "ibot": ibot, "koleo": koleo, **diagnostics}
+
+    def _patch_targets(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Masks and (possibly trimmed) index buffers; padding rows are marked invalid."""
+        masks: Tensor = batch["masks"]
+        mask_indices: Tensor = batch["mask_indices"]
+        mask_weights: Tensor = batch["mask_weights"]
+        n_masked: Tensor = batch["n_masked"]
+        patch_head = self.student.patch_head
+        assert patch_head is not None
+        if patch_head.has_batch_norm:
+            # Padding rows would enter the BatchNorm statistics: trim to the real masked tokens (host sync).
+            count = int(n_masked)
+            mask_indices, mask_weights = mask_indices[:count], mask_weights[:count]
+        positions = torch.arange(mask_indices.shape[0], device=mask_indices.device)
+        valid = positions < n_masked.to(mask_indices.device)
+        return masks, mask_indices, mask_weights, valid
+
+    def _teacher_targets(
+        self, logits: Tensor, teacher_temp: float, valid: Tensor | None, center: EMACenter | None
+    ) -> Tensor:
+        if self.cfg.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(logits, teacher_temp, self.cfg.sinkhorn_iterations, valid)
+        assert center is not None
+        probs = centered_teacher_probs(logits, center.center, teacher_temp)
+        center.accumulate(logits, valid)
+        return probs
+
+
+
+def _freeze_classifier_path(backbone: nn.Module) -> list[str]:
+    """Freeze parameters used only after ``forward_features`` (pre-head norm, classifier); returns their names."""
+    modules = []
+    head_norm = getattr(backbone, "head_norm", None)
+    if isinstance(head_norm, nn.Module):
+        modules.append(head_norm)
+    if hasattr(backbone, "get_classifier"):
+        classifier = backbone.get_classifier()
+        if isinstance(classifier, nn.Module):
+            modules.append(classifier)
+    frozen_ids = {id(p) for m in modules for p in m.parameters()}
+    names = []
+    for name, param in backbone.named_parameters():
+        if id(param) in frozen_ids:
+            param.requires_grad_(False)
+            names.append(name)
+    return names

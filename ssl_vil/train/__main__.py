@@ -1,0 +1,5 @@
+import sys
+
+from ssl_vil.train import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""Preemption: a signal sets a flag, and all ranks agree on it at the next step boundary.
+
+Slurm sends ``--signal`` (SIGUSR2 by default with submitit) and SIGTERM to the job's processes, not necessarily
+to all ranks at the same moment. Saving inside the handler is the failure mode of Lightning #21406: the handler
+interrupts arbitrary code (a collective, a half-written file) on one rank only. Here the handler only stores the
+signal number; the trainer calls :meth:`PreemptionFlag.should_stop` once per step boundary, which MAX-all-reduces
+the flag, so every rank sees True at the same step, saves that same step, and exits with
+:data:`REQUEUE_EXIT_CODE`.
+
+While the flag is installed it replaces the handlers that were there before, including submitit's
+``checkpoint_and_try_requeue`` handler for SIGUSR2 (which would requeue from rank 0 alone, inside the handler).
+:meth:`PreemptionFlag.uninstall` restores them. The Slurm launcher relies on the trainer saving and exiting with
+:data:`REQUEUE_EXIT_CODE`, and requeues the job when it sees that code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ssl_vil.faults import fault_matches
+
+# Exit status of a run that saved a checkpoint because it was asked to stop and wants to be requeued.
+# EX_TEMPFAIL from sysexits.h ("temporary failure, the user is invited to retry"). It is distinct from Python's
+# 1 (uncaught exception) and 2 (usage), from torchrun's 1 and 128+signal codes, from `timeout`'s 124, and from the
+# hang watchdog's 86.
+REQUEUE_EXIT_CODE = 75
+
+DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)
+
+_Handler = Callable[[int, FrameType | None], Any] | int | None
+
+
+class PreemptionFlag:
+    """Records that a preemption signal arrived; :meth:`should_stop` makes the decision global.
+
+    Usage::
+
+        flag = PreemptionFlag()
+        flag.install()
+        for step in ...:
+            ...
+            if flag.should_stop():      # same answer on every rank
+                save(step); sys.exit(REQUEUE_EXIT_CODE)
+        flag.uninstall()
+    """
+
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, device: torch.device | str | None = None) -> None:
+        """``device`` holds the all-reduced flag; None picks the current CUDA device for NCCL and CPU otherwise."""
+        self.signals = tuple(signals)
+        self.device = None if device is None else torch.device(device)
+        # Number of the last signal received; 0 = none. Written by the handler, read by the step loop.
+        self.signum = 0
+        self._previous: dict[int, _Handler] = {}
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only an attribute store: no I/O, logging, locks or allocation, so it is safe wherever the main thread
+        # was interrupted (tests/test_guards_preemption.py checks the bytecode calls nothing).
+        self.signum = signum
+
+    def install(self) -> None:
+        """Install the handler for each signal, keeping the previous handlers for :meth:`uninstall`."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("PreemptionFlag.install() must run in the main thread (Python delivers signals there)")
+        for sig in self.signals:
+            if sig not in self._previous:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def uninstall(self) -> None:
+        """Restore the handlers that were installed before :meth:`install`."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def __enter__(self) -> PreemptionFlag:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.uninstall()
+
+    def is_set_locally(self) -> bool:
+        """True when this process has received one of the signals (no communication)."""
+        return self.signum != 0
+
+    def should_stop(self) -> bool:
+        """True on every rank when any rank has received a signal. A collective: call it on all ranks, once per step."""
+        local = self.signum != 0
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        device = self.device
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+                torch.device("cpu")
+        # int32: NCCL cannot reduce bool.
+        flag = torch.tensor([int(local)], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def ignore_in_worker(worker_id: int = 0, signals: Sequence[int] = DEFAULT_SIGNALS) -> None:
+    """DataLoader ``worker_init_fn``: ignore the preemption signals in worker processes.
+
+    Slurm signals every process of the step, DataLoader workers included; by default they would die and take the
+    rank down before it can save. The main process handles the signal and shuts the workers down itself.
+    """
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def maybe_inject_signal(step: int, rank: int) -> bool:
+    """Fault ``SSL_VIL_FAULT=signal:step=N,rank=R[,sig=TERM]``: send the signal to this process at that step.
+
+    Returns True when the signal was sent. Python runs the handler before the next bytecode, so the flag is set
+    when this returns.
+    """
+    args = fault_matches("signal", step=step, rank=rank)
+    if args is None:
+        return False
+    name = args.get("sig", "USR2").upper()
+    sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    if not isinstance(sig, signal.Signals):
+        raise ValueError(f"SSL_VIL_FAULT signal: unknown signal {args['sig']!r} (expected e.g. USR2 or TERM)")
+    os.kill(os.getpid(), sig)
+    return True
