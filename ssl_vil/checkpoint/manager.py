@@ -2,7 +2,7 @@
 
 Resume rule: **the newest step folder that passes verification wins; ``LATEST`` is a hint.** A folder gets
 its final ``step_XXXXXXXX`` name only after every file and the manifest are fsynced, so a final-named folder
-is a finished save even when the process died before rewriting ``LATEST`` (the flax #1200 window). Hashes
+is a finished save even when the process died between that rename and the rewrite of ``LATEST``. Hashes
 catch what the rename protocol cannot (bit rot, truncation, edits); a folder that fails is logged, counted
 in ``fallbacks`` and skipped for the next older one.
 """
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 
@@ -94,7 +94,7 @@ class _WriteFault:
         )
 
 
-def _kill_self(reason: str) -> None:
+def _kill_self(reason: str) -> NoReturn:
     """Die the way a preempted or OOM-killed node does: SIGKILL, no cleanup, no ``finally`` blocks."""
     logger.warning("fault injection (SSL_VIL_FAULT): %s; sending SIGKILL to pid %d", reason, os.getpid())
     for handler in logging.getLogger().handlers:
