@@ -134,9 +134,11 @@ def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, flo
     """lr scale per backbone parameter name: ``layer_decay ** (n_groups - layer_id)``.
 
     Layer ids come from the backbone's timm ``group_matcher(coarse=True)``: for ViL the stem (patch/pos
-    embed, mask token) is 0 and block pair i is i + 1 (the final norm joins the last pair), so
-    n_groups = depth + 1. The heads sit one level above the backbone with scale 1, the last block pair gets
-    ``layer_decay``, the stem ``layer_decay ** (depth + 1)`` -- the DINOv2 assignment.
+    embed, mask token) is 0 and block pair i is i + 1 (the final norm joins the last pair). ``n_groups`` is
+    one more than the highest id of a *trainable* parameter, so with the classifier path frozen (SSL)
+    n_groups = depth + 1: the heads sit one level above the backbone with scale 1, the last block pair gets
+    ``layer_decay`` and the stem ``layer_decay ** (depth + 1)`` -- the DINOv2 assignment. Frozen parameters
+    above that (a pre-head norm) get scales > 1, which is harmless since they are not optimised.
     """
     names = [n for n, _ in backbone.named_parameters()]
     if layer_decay == 1.0:
@@ -144,7 +146,8 @@ def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, flo
     if not hasattr(backbone, "group_matcher"):
         raise ValueError(f"layer-wise lr decay needs a backbone with group_matcher(); {type(backbone).__name__} has none")
     layer_of = group_parameters(backbone, backbone.group_matcher(coarse=True), reverse=True)
-    n_groups = max(layer_of.values()) + 1
+    trainable = [layer_of[n] for n, p in backbone.named_parameters() if p.requires_grad]
+    n_groups = max(trainable if trainable else layer_of.values()) + 1
     return {n: layer_decay ** (n_groups - layer_of[n]) for n in names}
 
 

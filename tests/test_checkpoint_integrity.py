@@ -197,3 +197,13 @@ def test_verified_file_that_weights_only_load_refuses_raises_checkpoint_error(tm
     assert latest_checkpoint(tmp_path) == step_dir  # the hashes are fine
     with pytest.raises(CheckpointError, match=r"rng\.pt matches its manifest but torch\.load\(weights_only=True\)"):
         manager_for(tmp_path).load_latest()
+
+
+def test_load_folder_loads_a_chosen_step_and_refuses_a_corrupt_one(three_checkpoints):
+    loaded = CheckpointManager.load_folder(three_checkpoints / "step_00000010")
+    assert loaded.step == 10 and loaded.manifest["step"] == 10
+    assert_payload_is(loaded.payload, 10)
+    target = three_checkpoints / "step_00000005" / "progress.pt"
+    flip_byte(target)
+    with pytest.raises(CheckpointVerificationError, match=f"{target}: content does not match the manifest"):
+        CheckpointManager.load_folder(three_checkpoints / "step_00000005")

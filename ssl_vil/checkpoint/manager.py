@@ -438,7 +438,7 @@ class CheckpointManager:
             self.fallbacks += 1
 
         found = _newest_verified(
-            self.checkpoint_dir, lambda path: self._load_folder(path, map_location), on_failure=count_fallback
+            self.checkpoint_dir, lambda path: self.load_folder(path, map_location), on_failure=count_fallback
         )
         if found is None:
             return None
@@ -451,7 +451,13 @@ class CheckpointManager:
         return loaded
 
     @staticmethod
-    def _load_folder(path: Path, map_location: str | torch.device) -> LoadedCheckpoint:
+    def load_folder(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+        """Verify and load one given step folder (export of a chosen step, inspection); no fallback.
+
+        Raises :class:`CheckpointVerificationError` naming the file and both sha256 when it does not
+        match its manifest, :class:`CheckpointError` when a verified file cannot be unpickled.
+        """
+        path = Path(path)
         manifest = read_manifest(path)
         payload: dict[str, Any] = {}
         for file_name, entry in manifest["files"].items():

@@ -6,7 +6,6 @@ through :func:`ssl_vil.data.build_eval_stream`; an ImageFolder is split by index
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -112,30 +111,26 @@ def _image_folder_source(root: str, transform, batch_size, rank, world_size, num
     return EvalSource(f"ImageFolder {root}", len(folder), list(folder.classes), make)
 
 
+def default_split(source: str, preferred: str) -> str | None:
+    """``preferred`` when ``source`` is a shard directory holding several splits including it, else None.
+
+    Lets ``--train-data OUT --val-data OUT`` work on one directory written with ``make_shards --split train|val``.
+    """
+    from ssl_vil.data.manifest import list_splits
+
+    if not os.path.isdir(source):
+        return None
+    splits = list_splits(source)
+    return preferred if len(splits) > 1 and preferred in splits else None
+
+
 def _shard_source(source, transform, batch_size, rank, world_size, num_workers, split) -> EvalSource:
-    from ssl_vil import data as ssl_data
-
-    build = getattr(ssl_data, "build_eval_stream", None)
-    if build is None:
-        raise RuntimeError("ssl_vil.data.build_eval_stream is not available; shard inputs cannot be read")
-    kwargs: dict[str, Any] = dict(batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
-                                  num_workers=num_workers)
-    if split is not None and "split" in inspect.signature(build).parameters:
-        kwargs["split"] = split
-    num_samples, classes = _shard_metadata(source, split)
-
-    def make() -> Iterable[dict[str, Any]]:
-        return build(source, **kwargs)
-
-    return EvalSource(f"shards {source}" + (f" [{split}]" if split else ""), num_samples, classes, make)
-
-
-def _shard_metadata(source: str, split: str | None) -> tuple[int | None, list[str]]:
-    """Global sample count and class names from the shard sidecars, when they can be read."""
     try:
-        from ssl_vil.data.shardlist import resolve_shard_set
+        from ssl_vil.data import build_eval_stream
+    except ImportError:  # the package may not re-export it
+        from ssl_vil.data.eval_stream import build_eval_stream
 
-        shard_set = resolve_shard_set(source, split=split)
-        return shard_set.num_samples, list(shard_set.classes)
-    except Exception:  # noqa: BLE001 - metadata only feeds the progress ETA and the report
-        return None, []
+    stream = build_eval_stream(source, batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
+                               num_workers=num_workers, split=split)
+    return EvalSource(f"shards {source}" + (f" [{split}]" if split else ""), stream.shards.num_samples,
+                      list(stream.classes), lambda: stream)

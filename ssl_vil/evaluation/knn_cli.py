@@ -21,7 +21,7 @@ import torch
 
 from ssl_vil.dist import barrier, init_distributed
 from ssl_vil.evaluation import features as feats
-from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, eval_transform, open_eval_source
+from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.knn import BACKENDS, knn_classify
 from ssl_vil.evaluation.progress import Progress
 from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
@@ -38,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
     p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
     p.add_argument("--val-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
-    p.add_argument("--train-split", default=None, help="split name when --train-data holds several (e.g. train)")
-    p.add_argument("--val-split", default=None, help="split name when --val-data holds several (e.g. val)")
+    p.add_argument("--train-split", default=None,
+                   help="split name when --train-data holds several (default: 'train' if present)")
+    p.add_argument("--val-split", default=None,
+                   help="split name when --val-data holds several (default: 'val' if present)")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
     p.add_argument("--features", choices=feats.FEATURE_SPECS, default="cls",
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sizes: dict[str, int] = {}
     times: dict[str, float] = {"load_s": t_loaded - t_start}
     for split, data, split_name in (("train", args.train_data, args.train_split), ("val", args.val_data, args.val_split)):
+        split_name = split_name or default_split(data, split)
         source = open_eval_source(data, transform=transform, batch_size=args.batch_size, rank=dist.rank,
                                   world_size=dist.world_size, num_workers=args.num_workers, split=split_name)
         logger.info("%s: %s (%s samples)", split, source.description, source.num_samples or "unknown")

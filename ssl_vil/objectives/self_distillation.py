@@ -97,9 +97,9 @@ class ObjectiveConfig:
 class SelfDistillationObjective(nn.Module):
     """Owns the student (:class:`SSLNetwork`), its EMA teacher and the loss centers.
 
-    Backbone parameters on the classification path only (the pre-head norm of released ViL checkpoints,
-    ``legacy_norm``, and a classifier) never see a gradient here; they are frozen and their names listed
-    in ``frozen_backbone_parameters`` so that DDP does not wait for their gradients.
+    Backbone parameters that never see a gradient here -- the classification path (the pre-head norm of
+    released ViL checkpoints, ``legacy_norm``, and a classifier) and, without the patch loss, the mask
+    token -- are frozen and listed in ``frozen_backbone_parameters``, so that DDP does not wait for them.
     """
 
     def __init__(self, backbone: nn.Module, cfg: ObjectiveConfig) -> None:
@@ -110,7 +110,11 @@ class SelfDistillationObjective(nn.Module):
         shared = cfg.uses_ibot and cfg.shared_head
         if cfg.uses_ibot:
             check_head_sharing(in_dim, token_dim, cfg.shared_head)
-        self.frozen_backbone_parameters = _freeze_classifier_path(backbone)
+            if getattr(backbone, "mask_token", None) is None:
+                raise ValueError(
+                    "the masked-patch loss needs a backbone with a mask token (create it with mask_token=True)"
+                )
+        self.frozen_backbone_parameters = _freeze_unused(backbone, uses_masks=cfg.uses_ibot)
         dino_head = DINOHead(in_dim, cfg.dino_head)
         ibot_head = None
         if cfg.uses_ibot and not shared:
@@ -265,8 +269,12 @@ class SelfDistillationObjective(nn.Module):
 
 
 
-def _freeze_classifier_path(backbone: nn.Module) -> list[str]:
-    """Freeze parameters used only after ``forward_features`` (pre-head norm, classifier); returns their names."""
+def _freeze_unused(backbone: nn.Module, *, uses_masks: bool) -> list[str]:
+    """Freeze parameters the objective never uses; returns their names.
+
+    Those are the parameters applied after ``forward_features`` (pre-head norm, classifier) and, when the
+    student is never masked, the mask token.
+    """
     modules = []
     head_norm = getattr(backbone, "head_norm", None)
     if isinstance(head_norm, nn.Module):
@@ -275,10 +283,13 @@ def _freeze_classifier_path(backbone: nn.Module) -> list[str]:
         classifier = backbone.get_classifier()
         if isinstance(classifier, nn.Module):
             modules.append(classifier)
-    frozen_ids = {id(p) for m in modules for p in m.parameters()}
+    unused = {id(p) for m in modules for p in m.parameters()}
+    mask_token = getattr(backbone, "mask_token", None)
+    if not uses_masks and isinstance(mask_token, nn.Parameter):
+        unused.add(id(mask_token))
     names = []
     for name, param in backbone.named_parameters():
-        if id(param) in frozen_ids:
+        if id(param) in unused:
             param.requires_grad_(False)
             names.append(name)
     return names

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse, validate the config (before any process group), then train. Returns the process exit code."""
     args = build_parser().parse_args(argv)
     from ssl_vil.config import ConfigError, load_config
-    from ssl_vil.data import DataConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -42,15 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     from ssl_vil.train.run_dir import prepare_run_dir
 
     try:
-        prepare_run_dir(args.output_dir, cfg, is_main=int(__import__("os").environ.get("RANK", "0")) == 0)
+        prepare_run_dir(args.output_dir, cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     info = init_distributed(device=cfg.train.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     try:
         return run(cfg, args.output_dir, info)
-    except DataConfigError as e:
-        print(f"data config error: {e}", file=sys.stderr)
+    except ConfigError as e:  # e.g. too few shards for ranks × workers, found when the stream opens
+        print(f"config error: {e}", file=sys.stderr)
         return 2
     finally:
         shutdown()

@@ -21,7 +21,7 @@ from ssl_vil.config import RunConfig, to_dict
 from ssl_vil.dist import DistInfo, barrier, is_distributed
 from ssl_vil.export import export_run
 from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
-from ssl_vil.train.data import build_stream, error_counts
+from ssl_vil.train.data import batches_forever, build_stream, error_counts
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.metrics_log import MetricsLogger, StepTimer
 from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, maybe_inject_signal
@@ -117,7 +117,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         with watchdog.paused():
             ckpt.save(at_step, payload, metadata={"samples_seen": samples_seen})
 
-    it = iter(stream)
+    it = batches_forever(stream)
     accum = cfg.optim.grad_accum_steps
     with preempt:
         watchdog.start()

@@ -1,0 +1,210 @@
+"""Write WebDataset shards (plus manifest, timm ``_info.json``, ``sizes.json``, ``__len__``) from images.
+
+Usage::
+
+    python -m ssl_vil.data.make_shards SRC OUT_DIR [--split train|val] [--maxcount N] [--maxsize BYTES]
+                                       [--workers N] [--name NAME] [--shuffle-seed S | --no-shuffle] [--verify]
+
+``SRC`` is an ImageFolder root (``SRC/<class>/<image>``), a text file of ``path[<TAB>label]`` lines, or
+``builtin:digits`` (scikit-learn's 1797 digits as 32x32 RGB PNGs; ``--split`` picks the fixed train (1297) or
+val (500) part). Shards are ``OUT_DIR/<name>-<split>-000000.tar``...; several splits can share ``OUT_DIR``.
+
+Reruns: on a complete split (its ``manifest-<split>.json`` matches the plan) nothing is done; after an
+interruption the missing shards are written (existing ones are complete: shards appear by atomic rename); an
+output made from another source or other options is refused with a message, never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as futures
+import json
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ssl_vil.data.atomic import atomic_write_bytes
+from ssl_vil.data.errors import DataConfigError
+from ssl_vil.data.manifest import Manifest, ShardInfo, manifest_path, read_manifest, write_manifest
+from ssl_vil.data.shard_writer import PLAN_FORMAT, ShardPlan, ShardResult, file_sha256, plan_shards, write_shard
+from ssl_vil.data.shardlist import count_records
+from ssl_vil.data.sources import DIGITS_SPEC, Source, open_source
+
+
+class OutputConflict(DataConfigError):
+    """OUT_DIR holds shards that this run must not touch."""
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ssl_vil.data.make_shards", description=__doc__.split("\n")[0])
+    parser.add_argument("src", help=f"ImageFolder root, text file list, or {DIGITS_SPEC}")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--split", default="train", help="split name in the shard file names (digits: train|val)")
+    parser.add_argument("--maxcount", type=int, default=1000, help="records per shard at most (default 1000)")
+    parser.add_argument("--maxsize", type=int, default=500_000_000, help="bytes per shard at most (default 5e8)")
+    parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    parser.add_argument("--name", default=None, help="dataset name prefix (default: digits / the source's name)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the record order (default 0)")
+    order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    parser.add_argument("--verify", action="store_true", help="fully decode every image (default: header only)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
+    return args
+
+
+def _existing_result(path: Path) -> ShardResult:
+    """Result of a shard a previous, interrupted run already renamed into place."""
+    return ShardResult(path.name, count_records(str(path)), file_sha256(path), path.stat().st_size, [])
+
+
+_SOURCE: Source | None = None
+
+
+def _init_worker(source: Source) -> None:
+    global _SOURCE
+    _SOURCE = source
+
+
+def _write_task(task: tuple[str, list, bool]) -> ShardResult:
+    path, items, verify = task
+    assert _SOURCE is not None
+    return write_shard(Path(path), items, _SOURCE.classes, verify=verify)
+
+
+def _check_previous(out: Path, split: str, plan: ShardPlan) -> bool:
+    """True when the split is already complete; raises OutputConflict for outputs this plan must not touch."""
+    if manifest_path(out, split).exists():
+        manifest = read_manifest(out, split)
+        if manifest.extra.get("plan_digest") != plan.digest:
+            raise OutputConflict(
+                f"{manifest_path(out, split)} describes split {split!r} made from another source or other options "
+                f"({manifest.extra.get('source')}, {manifest.extra.get('options')}); use another OUT_DIR or delete "
+                f"that split's files ({plan.prefix}-*.tar and the manifest) first"
+            )
+        for shard in manifest.shards:
+            path = out / shard.file
+            if not path.exists() or path.stat().st_size != shard.bytes:
+                raise OutputConflict(
+                    f"split {split!r} is complete per its manifest but {path} is missing or changed size; delete "
+                    f"{manifest_path(out, split).name} and the split's shards to rebuild it"
+                )
+        return True
+    plan_file = out / f".{plan.prefix}.plan.json"
+    expected = {plan.filename(i) for i in range(len(plan.shards))}
+    present = {p.name for p in out.glob(f"{plan.prefix}-*.tar")}
+    if plan_file.exists():
+        saved = json.loads(plan_file.read_text())
+        if saved.get("digest") != plan.digest:
+            raise OutputConflict(
+                f"{out} holds a partial split {split!r} from another source or other options ({plan_file.name}: "
+                f"{saved.get('source')}, {saved.get('options')}); delete {plan.prefix}-*.tar and {plan_file.name} "
+                "or use another OUT_DIR"
+            )
+        if present - expected:
+            raise OutputConflict(f"{out}: shards not in the saved plan: {sorted(present - expected)[:5]}")
+    elif present:
+        raise OutputConflict(
+            f"{out} already holds {len(present)} {plan.prefix}-*.tar shard(s) without a manifest or plan; refusing "
+            "to overwrite them (delete them or use another OUT_DIR)"
+        )
+    return False
+
+
+def make_shards(
+    src: str,
+    out_dir: Path,
+    *,
+    split: str = "train",
+    maxcount: int = 1000,
+    maxsize: int = 500_000_000,
+    workers: int = 1,
+    name: str | None = None,
+    shuffle_seed: int | None = 0,
+    verify: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write (or finish) the shards of ``split``; returns its manifest. See the module docstring."""
+    source = open_source(src, split)
+    if name is not None:
+        source.name = name
+    if "." in source.name or "/" in source.name:
+        raise DataConfigError(f"dataset name {source.name!r} must not contain '.' or '/'")
+    plan = plan_shards(source, split, maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, verify=verify)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(f".{plan.prefix}-*.tmp-*"):
+        stale.unlink(missing_ok=True)  # temporaries of a writer that died; never complete shards
+    if _check_previous(out_dir, split, plan):
+        print(f"{out_dir}: split {split!r} is complete ({len(plan.shards)} shards); nothing to do", file=sys.stderr)
+        return read_manifest(out_dir, split)
+    plan_file = out_dir / f".{plan.prefix}.plan.json"
+    atomic_write_bytes(
+        plan_file,
+        json.dumps({"format": PLAN_FORMAT, "digest": plan.digest, "source": source.description,
+                    "options": plan.options, "num_shards": len(plan.shards)}).encode(),
+    )
+    todo = [i for i in range(len(plan.shards)) if not (out_dir / plan.filename(i)).exists()]
+    results: dict[int, ShardResult] = {}
+    for i in range(len(plan.shards)):
+        if i not in todo:
+            results[i] = _existing_result(out_dir / plan.filename(i))
+    total = sum(len(plan.shards[i]) for i in todo)
+    done_before = sum(len(s) for s in plan.shards) - total
+    if done_before:
+        print(f"resuming: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards already written", file=sys.stderr)
+    with tqdm(total=total, unit="img", desc=plan.prefix, disable=not progress, smoothing=0.1) as bar:
+        if workers == 1:
+            for i in todo:
+                results[i] = write_shard(out_dir / plan.filename(i), plan.shards[i], source.classes, verify=verify,
+                                         on_item=lambda: bar.update(1))
+                bar.update(len(plan.shards[i]) - results[i].num_samples)  # skipped items count as processed
+        else:
+            tasks = {i: (str(out_dir / plan.filename(i)), plan.shards[i], verify) for i in todo}
+            with futures.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                             initargs=(source,)) as pool:
+                pending = {pool.submit(_write_task, task): i for i, task in tasks.items()}
+                for fut in futures.as_completed(pending):
+                    i = pending[fut]
+                    results[i] = fut.result()
+                    bar.update(len(plan.shards[i]))
+    skipped = [{"source": ref, "reason": why} for i in sorted(results) for ref, why in results[i].skipped]
+    for entry in skipped:
+        print(f"skipped {entry['source']}: {entry['reason']}", file=sys.stderr)
+    manifest = Manifest(
+        root=out_dir,
+        name=source.name,
+        split=split,
+        shards=[ShardInfo(r.file, r.num_samples, r.sha256, r.bytes) for _, r in sorted(results.items())],
+        classes=list(source.classes),
+        extra={"source": source.description, "plan_digest": plan.digest, "options": plan.options,
+               "skipped": skipped},
+    )
+    write_manifest(manifest)
+    plan_file.unlink(missing_ok=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    try:
+        manifest = make_shards(
+            args.src, args.out_dir, split=args.split, maxcount=args.maxcount, maxsize=args.maxsize,
+            workers=args.workers, name=args.name, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+            verify=args.verify,
+        )
+    except DataConfigError as exc:
+        print(f"make_shards: error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{manifest.root}: split {manifest.split!r}: {manifest.num_samples} samples in {len(manifest.shards)} shards "
+        f"({os.path.basename(manifest_path(manifest.root, manifest.split))})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

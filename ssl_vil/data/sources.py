@@ -1,0 +1,194 @@
+"""Image sources the shard writer reads: an ImageFolder tree, a text file list, or the built-in digits set.
+
+A source is a list of :class:`SourceItem` (key, label, image extension, where the bytes come from, byte size)
+plus the class names the labels index. Keys are sanitised for webdataset (only ``[A-Za-z0-9_-]``, so never a dot,
+at most 120 characters) and made unique by suffixing ``_1``, ``_2``... in source order.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssl_vil.data.errors import DataConfigError
+
+SOURCE_IMAGE_SUFFIXES = {
+    ".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp",
+    ".tif": "tif", ".tiff": "tiff", ".gif": "gif", ".ppm": "ppm", ".pgm": "pgm",
+}
+DIGITS_SPEC = "builtin:digits"
+DIGITS_TRAIN = 1297  # of 1797; the rest (500) is the val split
+_MAX_KEY = 120
+
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    key: str
+    label: int  # -1 when unlabeled
+    ext: str  # image member extension
+    ref: str  # file path, or "digits:<index>"
+    size: int  # bytes of the image
+
+
+@dataclass(slots=True)
+class Source:
+    name: str
+    description: str
+    items: list[SourceItem]
+    classes: list[str] = field(default_factory=list)
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset-safe key: ``[A-Za-z0-9_-]`` only (so no dot), at most 120 characters."""
+    key = re.sub(r"[^A-Za-z0-9_-]", "_", text) or "_"
+    if len(key) > _MAX_KEY:
+        key = key[: _MAX_KEY - 13] + "_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+    return key
+
+
+def unique_keys(raw: list[str]) -> list[str]:
+    """Sanitised, unique keys for ``raw`` (collisions get ``_1``, ``_2``... in order)."""
+    used: set[str] = set()
+    out = []
+    for text in raw:
+        base = sanitize_key(text)
+        key, n = base, 0
+        while key in used:
+            n += 1
+            key = f"{base}_{n}"
+        used.add(key)
+        out.append(key)
+    return out
+
+
+def _image_files(directory: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in SOURCE_IMAGE_SUFFIXES:
+                found.append(Path(root) / name)
+    return found
+
+
+def image_folder_source(root: Path) -> Source:
+    """``root/<class>/**/<image>``; classes are the sorted sub-directory names."""
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataConfigError(f"{root}: an ImageFolder root needs one sub-directory per class; found none")
+    paths: list[tuple[Path, int]] = []
+    for label, name in enumerate(classes):
+        paths.extend((p, label) for p in _image_files(root / name))
+    if not paths:
+        raise DataConfigError(f"{root}: no image files ({', '.join(sorted(SOURCE_IMAGE_SUFFIXES))}) under its classes")
+    keys = unique_keys([str(p.relative_to(root).with_suffix("")) for p, _ in paths])
+    items = [
+        SourceItem(k, label, SOURCE_IMAGE_SUFFIXES[p.suffix.lower()], str(p), p.stat().st_size)
+        for k, (p, label) in zip(keys, paths)
+    ]
+    return Source(root.name, f"imagefolder:{root.resolve()}", items, classes)
+
+
+def file_list_source(list_file: Path) -> Source:
+    """Lines ``path[<TAB>label]`` (relative paths from the list's directory; ``#`` comments and blanks skipped).
+
+    Integer labels are used as they are; other labels are class names, indexed in sorted order.
+    """
+    rows: list[tuple[Path, str | None, int]] = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path_text, _, label_text = line.partition("\t")
+        path = Path(path_text.strip())
+        if not path.is_absolute():
+            path = list_file.parent / path
+        if path.suffix.lower() not in SOURCE_IMAGE_SUFFIXES:
+            raise DataConfigError(f"{list_file}:{lineno}: {path} is not an image file ({path.suffix!r})")
+        if not path.is_file():
+            raise DataConfigError(f"{list_file}:{lineno}: {path} does not exist")
+        rows.append((path, label_text.strip() or None, lineno))
+    if not rows:
+        raise DataConfigError(f"{list_file}: no image paths listed")
+    labels_text = [lab for _, lab, _ in rows if lab is not None]
+    classes: list[str] = []
+    if labels_text and not all(re.fullmatch(r"-?\d+", lab) for lab in labels_text):
+        classes = sorted(set(labels_text))
+    index = {name: i for i, name in enumerate(classes)}
+
+    def label_of(text: str | None) -> int:
+        if text is None:
+            return -1
+        return index[text] if classes else int(text)
+
+    common = os.path.commonpath([str(p.parent) for p, _, _ in rows])
+    keys = unique_keys([os.path.relpath(p.with_suffix(""), common) for p, _, _ in rows])
+    items = [
+        SourceItem(k, label_of(lab), SOURCE_IMAGE_SUFFIXES[p.suffix.lower()], str(p), p.stat().st_size)
+        for k, (p, lab, _) in zip(keys, rows)
+    ]
+    return Source(list_file.stem, f"filelist:{list_file.resolve()}", items, classes)
+
+
+@functools.lru_cache(maxsize=1)
+def digits_png_bytes() -> tuple[tuple[bytes, ...], tuple[int, ...]]:
+    """All 1797 scikit-learn digits as 32x32 RGB PNGs (8x8 values 0-16 -> [0,1] -> bilinear, align_corners=False)."""
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # (1797, 1, 8, 8) in [0, 1]
+    big = F.interpolate(pixels, size=(32, 32), mode="bilinear", align_corners=False).clamp(0.0, 1.0)
+    rgb = big.mul(255.0).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+    encoded = []
+    for image in rgb:
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="RGB").save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return tuple(encoded), tuple(int(t) for t in digits.target)
+
+
+def digits_split_indices(split: str) -> list[int]:
+    """Original indices of the digits ``split``: randperm(1797, seed 0), first 1297 train, last 500 val."""
+    import torch
+
+    perm = torch.randperm(1797, generator=torch.Generator().manual_seed(0)).tolist()
+    if split == "train":
+        return perm[:DIGITS_TRAIN]
+    if split == "val":
+        return perm[DIGITS_TRAIN:]
+    raise DataConfigError(f"builtin:digits has splits 'train' and 'val', not {split!r}")
+
+
+def digits_source(split: str) -> Source:
+    images, targets = digits_png_bytes()
+    items = [
+        SourceItem(f"digit{i:04d}", targets[i], "png", f"digits:{i}", len(images[i]))
+        for i in digits_split_indices(split)
+    ]
+    return Source("digits", DIGITS_SPEC, items, [str(d) for d in range(10)])
+
+
+def open_source(spec: str, split: str) -> Source:
+    """The source named by ``spec``: ``builtin:digits``, an ImageFolder directory, or a text file list."""
+    if spec == DIGITS_SPEC:
+        return digits_source(split)
+    path = Path(spec)
+    if path.is_dir():
+        return image_folder_source(path)
+    if path.is_file():
+        return file_list_source(path)
+    raise DataConfigError(f"source {spec!r} is neither {DIGITS_SPEC}, a directory, nor a list file")
+
+
+def read_item_bytes(item: SourceItem) -> bytes:
+    if item.ref.startswith("digits:"):
+        return digits_png_bytes()[0][int(item.ref.split(":", 1)[1])]
+    with open(item.ref, "rb") as handle:
+        return handle.read()

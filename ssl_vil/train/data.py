@@ -1,0 +1,42 @@
+"""The trainer's data: multi-crop transform + mask collate + resumable shard stream, built from the config."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from ssl_vil.augment.presets import build_multicrop
+from ssl_vil.config import RunConfig
+from ssl_vil.data.train_stream import TrainStream, build_train_stream
+from ssl_vil.dist import DistInfo
+from ssl_vil.masking import MultiCropMaskCollate
+
+
+def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
+    """One rank's stream of micro-batches (``derived.micro_batch_size`` each; a step takes ``grad_accum_steps``)."""
+    a, d, o = cfg.data.augment, cfg.data, cfg.objective
+    extra: dict[str, Any] = {}
+    if a.preset != "digits":
+        extra["dinov2_blur_bug"] = a.blur == "dinov2"
+    transform = build_multicrop(a.preset, global_size=a.global_size, local_size=a.local_size, n_global=a.n_global,
+                                n_local=a.n_local, global_scale=a.global_scale, local_scale=a.local_scale,
+                                mean=a.mean, std=a.std, **extra)
+    grid = a.global_size // cfg.model.patch_size
+    collate = MultiCropMaskCollate((grid, grid), a.n_global, a.n_local, mask_probability=o.mask_probability,
+                                   mask_ratio=(o.mask_ratio_min, o.mask_ratio_max), mode=o.mask_mode)
+    return build_train_stream(
+        d.train, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
+        world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,
+        samples_per_epoch=d.samples_per_epoch, error_budget_fraction=d.error_budget_fraction,
+        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_buffer_samples)
+
+
+def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:
+    """Epoch after epoch; iterating the stream yields the rest of its current epoch, from its cursor."""
+    while True:
+        yield from stream
+
+
+def error_counts(batch: dict[str, Any]) -> dict[str, int]:
+    """Per-category bad-data counts this batch adds (non-zero entries only)."""
+    return {k: int(v) for k, v in batch.get("data_errors", {}).items() if int(v)}
