@@ -2,14 +2,16 @@
 
 For each input size (224 / 448 / 896 px = 196 / 784 / 3136 tokens) and mode (forward under no_grad, forward +
 backward), both backends run on the same seeded
-model and input; the table gives median wall time (backends alternate call by call in one process, so both
-see the same machine load), peak extra RSS of one call (each in a fresh process), and the ratios
+model and input; the table gives the best-of-N wall time (backends alternate call by call in one process, so
+both see the same machine load; the minimum is the estimate least disturbed by other processes on a shared
+machine), peak extra RSS of one call (each in a fresh process), and the ratios
 parallel / chunkwise (> 1: chunkwise is faster / leaner). Model: ``vil2_tiny_patch16_224`` (dim 192, 12 block
 pairs), batch 1, 2 threads. Forward + backward at 896 px runs a 1-pair ViL-T slice because the quadratic form
 would need ~20 GB of saved S x S matrices for the full depth; the per-layer cost ratio is what it measures.
+A second table times the two mLSTM kernels alone (the spec's kernel-level setup).
 
     python bench/backbone.py            # full run (several minutes on 2 cores)
-    python bench/backbone.py --quick    # 224 / 448 px, 2-pair model, 2 repeats (~1 minute)
+    python bench/backbone.py --quick    # 224 / 448 px, 2-pair model, 2 repeats (1-3 minutes)
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def timing_child(px: int, mode: str, depth: int, repeats: int, threads: int) -> 
     model, image = _build(px, depth, "parallel")
     model.eval() if mode == "fwd" else model.train()
     times: dict[str, list[float]] = {"parallel": [], "chunkwise": []}
-    for round_index in range(repeats + (1 if px < 896 else 0)):
+    rounds = min(repeats, 3) if px >= 896 else repeats + 1
+    for round_index in range(rounds):
         for backend in times:
             model.set_mlstm_backend(backend)
             start = time.perf_counter()
@@ -98,7 +101,37 @@ def timing_child(px: int, mode: str, depth: int, repeats: int, threads: int) -> 
             elapsed = time.perf_counter() - start
             if px >= 896 or round_index > 0:  # the first round at small sizes is a warm-up
                 times[backend].append(elapsed)
-    return {b: sorted(t)[len(t) // 2] for b, t in times.items()} | {"times_s": times}
+    return {b: min(t) for b, t in times.items()} | {"times_s": times}
+
+
+def kernel_child(seqlen: int, repeats: int, threads: int) -> dict:
+    """mLSTM kernels alone (spec section 8 setup: B=2, NH=4, DH=48, f ~ N(3, 1)), forward and forward+backward."""
+    import torch
+
+    from ssl_vil.backbones import mlstm_chunkwise, mlstm_parallel
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 4, seqlen)
+    inputs = [torch.randn(*shape, 48, generator=gen) for _ in range(3)]
+    inputs += [torch.randn(*shape, generator=gen), torch.randn(*shape, generator=gen) + 3.0]
+    kernels = {"parallel": mlstm_parallel, "chunkwise": mlstm_chunkwise}
+    result = {}
+    for mode in ("fwd", "fwd+bwd"):
+        args = [t.clone().requires_grad_(mode == "fwd+bwd") for t in inputs]
+        times: dict[str, list[float]] = {b: [] for b in kernels}
+        for round_index in range(repeats + 1):
+            for backend, kernel in kernels.items():
+                start = time.perf_counter()
+                if mode == "fwd":
+                    with torch.no_grad():
+                        kernel(*args)
+                else:
+                    kernel(*args).sum().backward()
+                if round_index > 0:
+                    times[backend].append(time.perf_counter() - start)
+        result[mode] = {b: min(t) for b, t in times.items()}
+    return result
 
 
 def run_child(kind: str, **kwargs) -> dict:
@@ -113,10 +146,11 @@ def run_child(kind: str, **kwargs) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="224/448 px, 2 block pairs, 2 repeats")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per cell (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per cell (best reported; max 3 at 896 px)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="also write all measurements to this JSON file")
-    parser.add_argument("--child", choices=("memory", "timing"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("memory", "timing", "kernel"), help=argparse.SUPPRESS)
+    parser.add_argument("--seqlen", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--px", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -125,6 +159,9 @@ def main() -> None:
     if args.child == "memory":
         print(json.dumps(memory_child(args.px, args.mode, args.backend, args.depth, args.threads)))
         return
+    if args.child == "kernel":
+        print(json.dumps(kernel_child(args.seqlen, args.repeats, args.threads)))
+        return
     if args.child == "timing":
         print(json.dumps(timing_child(args.px, args.mode, args.depth, args.repeats, args.threads)))
         return
@@ -132,8 +169,8 @@ def main() -> None:
     sizes = SIZES_PX[:2] if args.quick else SIZES_PX
     repeats = 2 if args.quick else args.repeats
     rows = []
-    print(f"ViL-T (vil2_tiny_patch16_224), batch 1, {args.threads} threads, median of {repeats}; "
-          "ratio = parallel / chunkwise")
+    print(f"ViL-T (vil2_tiny_patch16_224), batch 1, {args.threads} threads, best of {repeats}; "
+          f"ratio = parallel / chunkwise; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     header = (f"{'px':>4} {'tokens':>6} {'mode':>7} {'pairs':>5} | {'parallel s':>10} {'chunk s':>9} {'time x':>7} | "
               f"{'par MB':>8} {'chunk MB':>8} {'mem x':>6}")
     print(header)
@@ -148,7 +185,22 @@ def main() -> None:
             par_mb, chk_mb = memory["parallel"]["peak_extra_mb"], memory["chunkwise"]["peak_extra_mb"]
             rows.append(dict(px=px, tokens=(px // 16) ** 2, mode=mode, pairs=depth, timing=timing, memory=memory))
             print(f"{px:>4} {(px // 16) ** 2:>6} {mode:>7} {depth:>5} | {par_s:>10.3f} {chk_s:>9.3f} "
-                  f"{par_s / chk_s:>6.1f}x | {par_mb:>8.0f} {chk_mb:>8.0f} {par_mb / max(chk_mb, 1):>5.1f}x", flush=True)
+                  f"{par_s / chk_s:>6.1f}x | {par_mb:>8.0f} {chk_mb:>8.0f} {par_mb / max(chk_mb, 1):>5.1f}x",
+                  flush=True)
+    print(f"\nmLSTM kernel alone (B=2, NH=4, DH=48), best of {repeats}; ratio = parallel / chunkwise")
+    header = (f"{'tokens':>6} | {'fwd par ms':>10} {'fwd chunk ms':>12} {'x':>6} | {'fwbw par ms':>11} "
+              f"{'fwbw chunk ms':>13} {'x':>6}")
+    print(header)
+    print("-" * len(header))
+    for px in sizes:
+        seqlen = (px // 16) ** 2
+        kernel = run_child("kernel", seqlen=seqlen, repeats=repeats, threads=args.threads)
+        rows.append(dict(kernel_tokens=seqlen, **kernel))
+        fwd, fwbw = kernel["fwd"], kernel["fwd+bwd"]
+        print(f"{seqlen:>6} | {fwd['parallel'] * 1e3:>10.1f} {fwd['chunkwise'] * 1e3:>12.1f} "
+              f"{fwd['parallel'] / fwd['chunkwise']:>5.1f}x | {fwbw['parallel'] * 1e3:>11.1f} "
+              f"{fwbw['chunkwise'] * 1e3:>13.1f} {fwbw['parallel'] / fwbw['chunkwise']:>5.1f}x", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(rows, out, indent=1)

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--job-name", help="default: ssl_vil-<entry>-<run dir name>")
     res.add_argument("--wckey", help="Slurm wckey (default: none)")
     res.add_argument("--setup", action="append", default=[], metavar="LINE",
-                     help="shell line run before srun, e.g. 'module load cuda/12.4' (repeatable)")
+                     help="shell line run before srun, e.g. 'module load cuda/12.4' (repeatable); runs after the "
+                          "launcher's own exports, so 'export OMP_NUM_THREADS=8' overrides its default (train: "
+                          "cpus-per-task - data.num_workers; eval: cpus-per-task)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the sbatch script and resolved config only")
     mode.add_argument("--local", action="store_true", help="run with submitit's local executor and wait")
@@ -105,7 +107,8 @@ def split_entry_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _resources(args: argparse.Namespace, *, use_gpus: bool, cpus_per_task: int | None) -> JobResources:
+def _resources(args: argparse.Namespace, *, use_gpus: bool, cpus_per_task: int | None,
+               omp_threads: int | None) -> JobResources:
     run_name = Path(args.output_dir).resolve().name or "run"
     try:
         return JobResources(
@@ -114,7 +117,7 @@ def _resources(args: argparse.Namespace, *, use_gpus: bool, cpus_per_task: int |
             cpus_per_task=cpus_per_task, mem_gb=args.mem_gb, timeout_min=args.timeout_min,
             signal_delay_s=args.signal_delay_s, max_num_timeout=args.max_num_timeout,
             job_name=args.job_name or f"ssl_vil-{args.entry}-{run_name}", wckey=args.wckey,
-            setup=tuple(args.setup))
+            omp_threads=omp_threads, setup=tuple(args.setup))
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
 
@@ -200,12 +203,14 @@ def prepare(argv: list[str]) -> LaunchPlan:
         cfg_yaml = to_yaml(cfg)
         use_gpus = not args.cpu and cfg.train.device != "cpu"
         cpus = args.cpus_per_task if args.cpus_per_task is not None else cfg.data.num_workers + 1
+        # the loader workers run single-threaded; the training process gets the task's remaining CPUs
+        threads: int | None = max(1, cpus - cfg.data.num_workers)
     else:
         if args.config:
             raise LaunchError("--config: only for --entry train; pass eval arguments after `--`")
         use_gpus = not args.cpu
-        cpus = args.cpus_per_task
-    res = _resources(args, use_gpus=use_gpus, cpus_per_task=cpus)
+        cpus = threads = args.cpus_per_task
+    res = _resources(args, use_gpus=use_gpus, cpus_per_task=cpus, omp_threads=threads)
     return LaunchPlan(args=args, run_dir=run_dir, resources=res, cfg_yaml=cfg_yaml,
                       entry_args=list(args.overrides) + entry_tail)
 

@@ -13,13 +13,13 @@ import os
 ENV_VAR = "SSL_VIL_FAULT"
 
 
-def parse_faults(spec: str) -> dict[str, dict[str, str]]:
-    """Parse ``"site:k=v,k=v;site2:k=v"`` into ``{site: {k: v}}``.
+def parse_faults(spec: str) -> dict[str, list[dict[str, str]]]:
+    """Parse ``"site:k=v,k=v;site2:k=v;site:k=v"`` into ``{site: [{k: v}, ...]}`` (a site may repeat).
 
     A site may appear without arguments (``"ckpt_write"``). Malformed specs raise ``ValueError`` naming the
     offending part, so a typo in a test never silently disables a fault.
     """
-    faults: dict[str, dict[str, str]] = {}
+    faults: dict[str, list[dict[str, str]]] = {}
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         site, _, args = part.partition(":")
         site = site.strip()
@@ -31,28 +31,44 @@ def parse_faults(spec: str) -> dict[str, dict[str, str]]:
             if not eq or not key.strip():
                 raise ValueError(f"{ENV_VAR}: expected key=value in {part!r}, got {item!r}")
             kv[key.strip()] = value.strip()
-        faults[site] = kv
+        faults.setdefault(site, []).append(kv)
     return faults
 
 
 def get_fault(site: str) -> dict[str, str] | None:
-    """Arguments of the fault planted at ``site``, or None when no fault is planted there."""
+    """Arguments of the first fault planted at ``site``, or None when no fault is planted there."""
     spec = os.environ.get(ENV_VAR, "")
     if not spec:
         return None
-    return parse_faults(spec).get(site)
+    found = parse_faults(spec).get(site)
+    return found[0] if found else None
 
 
 def fault_matches(site: str, *, step: int | None = None, rank: int | None = None) -> dict[str, str] | None:
-    """Like :func:`get_fault`, but only when its optional ``step=`` / ``rank=`` / ``steps=a|b|c`` filters match."""
-    args = get_fault(site)
-    if args is None:
+    """The first fault at ``site`` whose optional ``step=`` / ``steps=a|b|c`` / ``rank=`` filters match."""
+    spec = os.environ.get(ENV_VAR, "")
+    if not spec:
         return None
-    if step is not None:
-        if "step" in args and int(args["step"]) != step:
-            return None
-        if "steps" in args and step not in {int(s) for s in args["steps"].split("|")}:
-            return None
-    if rank is not None and "rank" in args and int(args["rank"]) != rank:
-        return None
-    return args
+    for args in parse_faults(spec).get(site, []):
+        if step is not None:
+            if "step" in args and int(args["step"]) != step:
+                continue
+            if "steps" in args and step not in {int(s) for s in args["steps"].split("|")}:
+                continue
+        if rank is not None and "rank" in args and int(args["rank"]) != rank:
+            continue
+        return args
+    return None
+
+
+def maybe_kill(where: str, *, step: int, rank: int) -> None:
+    """Test hook: ``SSL_VIL_FAULT=kill:step=N,rank=R,at=WHERE`` SIGKILLs this process at ``WHERE`` of step N.
+
+    Sites: ``after_checkpoint`` (right after step N's save), ``mid_step`` (after step N's optimizer step, before
+    anything else), ``accumulation`` (between two micro-batches of step N).
+    """
+    args = fault_matches("kill", step=step, rank=rank)
+    if args is not None and args.get("at", "mid_step") == where:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

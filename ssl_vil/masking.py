@@ -26,13 +26,33 @@ from torch import Tensor
 MASK_MODES = ("block", "random")
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    u = torch.rand((), generator=generator, dtype=torch.float64).item()
-    return low + (high - low) * u
+class _UniformStream:
+    """U[0, 1) doubles drawn from a ``torch.Generator`` in chunks.
 
+    Block placement needs many scalar draws; one generator call per chunk instead of per draw makes them
+    cheap in Python while the masks remain a pure function of the generator state.
+    """
 
-def _randint(generator: torch.Generator, low: int, high_inclusive: int) -> int:
-    return int(torch.randint(low, high_inclusive + 1, (), generator=generator).item())
+    def __init__(self, generator: torch.Generator, chunk: int = 1024) -> None:
+        self.generator = generator
+        self.chunk = chunk
+        self._buffer: list[float] = []
+        self._position = 0
+
+    def next(self) -> float:
+        if self._position == len(self._buffer):
+            self._buffer = torch.rand(self.chunk, generator=self.generator, dtype=torch.float64).tolist()
+            self._position = 0
+        u = self._buffer[self._position]
+        self._position += 1
+        return u
+
+    def uniform(self, low: float, high: float) -> float:
+        return low + (high - low) * self.next()
+
+    def randint(self, low: int, high_inclusive: int) -> int:
+        span = high_inclusive - low + 1
+        return low + min(int(self.next() * span), span - 1)
 
 
 class BlockMaskGenerator:
@@ -73,16 +93,16 @@ class BlockMaskGenerator:
     def num_patches(self) -> int:
         return self.height * self.width
 
-    def _add_block(self, mask: np.ndarray, max_new: int, generator: torch.Generator) -> int:
+    def _add_block(self, mask: np.ndarray, max_new: int, stream: _UniformStream) -> int:
         """Try to add one block adding 1..max_new patches; returns the number of patches added."""
         for _ in range(self.max_attempts):
-            area = _uniform(generator, self.min_num_patches, max_new)
-            aspect = math.exp(_uniform(generator, *self.log_aspect))
+            area = stream.uniform(self.min_num_patches, max_new)
+            aspect = math.exp(stream.uniform(*self.log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
             if 0 < h < self.height and 0 < w < self.width:
-                top = _randint(generator, 0, self.height - h)
-                left = _randint(generator, 0, self.width - w)
+                top = stream.randint(0, self.height - h)
+                left = stream.randint(0, self.width - w)
                 window = mask[top : top + h, left : left + w]
                 new = h * w - int(window.sum())
                 if 0 < new <= max_new:
@@ -92,15 +112,18 @@ class BlockMaskGenerator:
 
     def __call__(self, num_masking_patches: int, generator: torch.Generator) -> Tensor:
         """Block mask (h, w) bool with at most ``num_masking_patches`` True entries."""
+        return torch.from_numpy(self._generate(num_masking_patches, _UniformStream(generator)))
+
+    def _generate(self, num_masking_patches: int, stream: _UniformStream) -> np.ndarray:
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < num_masking_patches:
             max_new = min(num_masking_patches - count, self.max_num_patches)
-            added = self._add_block(mask, max_new, generator)
+            added = self._add_block(mask, max_new, stream)
             if added == 0:
                 break
             count += added
-        return torch.from_numpy(mask)
+        return mask
 
 
 def random_mask(grid_hw: tuple[int, int], num_masking_patches: int, generator: torch.Generator) -> Tensor:
@@ -132,19 +155,20 @@ def sample_masks(
     n_patches = block_generator.num_patches
     n_masked_images = int(n_images * mask_probability)
     low, high = ratio_range
-    masks = torch.zeros(n_images, n_patches, dtype=torch.bool)
+    masks = np.zeros((n_images, n_patches), dtype=bool)
+    stream = _UniformStream(generator)
     upper_bound = 0
     for i in range(n_masked_images):
         bin_low = low + (high - low) * i / n_masked_images
         bin_high = low + (high - low) * (i + 1) / n_masked_images
-        target = int(n_patches * _uniform(generator, bin_low, bin_high))
+        target = int(n_patches * stream.uniform(bin_low, bin_high))
         if mode == "block":
-            masks[i] = block_generator(target, generator).flatten()
+            masks[i] = block_generator._generate(target, stream).reshape(-1)
         else:
-            masks[i] = random_mask(grid, target, generator).flatten()
+            masks[i] = random_mask(grid, target, generator).flatten().numpy()
         upper_bound += int(n_patches * bin_high)
-    masks = masks[torch.randperm(n_images, generator=generator)]
-    return masks, upper_bound
+    shuffled = torch.from_numpy(masks)[torch.randperm(n_images, generator=generator)]
+    return shuffled, upper_bound
 
 
 def mask_index_buffers(masks: Tensor, upper_bound: int) -> tuple[Tensor, Tensor, Tensor]:

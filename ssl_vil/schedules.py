@@ -144,7 +144,9 @@ def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, flo
     if layer_decay == 1.0:
         return {n: 1.0 for n in names}
     if not hasattr(backbone, "group_matcher"):
-        raise ValueError(f"layer-wise lr decay needs a backbone with group_matcher(); {type(backbone).__name__} has none")
+        raise ValueError(
+            f"layer-wise lr decay needs a backbone with group_matcher(); {type(backbone).__name__} has none"
+        )
     layer_of = group_parameters(backbone, backbone.group_matcher(coarse=True), reverse=True)
     trainable = [layer_of[n] for n, p in backbone.named_parameters() if p.requires_grad]
     n_groups = max(trainable if trainable else layer_of.values()) + 1

@@ -9,8 +9,10 @@ them with apt-get (Debian 12: ``slurmctld slurmd slurm-client munge``, about 3.4
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -84,6 +86,17 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _ancestors(pid: int) -> list[int]:
+    out = []
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        out.append(pid)
+    return out
+
+
 class SlurmCluster:
     """Handle on a running test cluster: client environment, job queries, shutdown."""
 
@@ -108,13 +121,41 @@ class SlurmCluster:
             raise RuntimeError(f"slurm cluster did not start (rc={proc.returncode}):\n{proc.stderr}")
 
     def stop(self) -> list[int]:
-        """Cancel jobs, stop the daemons this cluster started; returns PIDs still alive afterwards (should be [])."""
+        """Cancel jobs, stop the daemons this cluster started, then end any job process left behind (batch
+        shells and srun of a job cancelled while the daemons went down). Returns PIDs still alive (should be [])."""
         subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], env=self._script_env(), capture_output=True,
                        text=True, timeout=180)
+        strays = self.job_processes()
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # srun ignores a single SIGTERM
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_pid_alive(p) for p in strays):
+                time.sleep(0.2)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(_pid_alive(p) for p in self.daemon_pids):
             time.sleep(0.2)
-        return [p for p in self.daemon_pids if _pid_alive(p)]
+        return [p for p in [*self.daemon_pids, *strays] if _pid_alive(p)]
+
+    def job_processes(self) -> list[int]:
+        """PIDs of processes that belong to this cluster's jobs: their environment points at its slurm.conf
+        (jobs inherit the submitter's environment) or their command line lives under its folder."""
+        conf = f"SLURM_CONF={self.lab / 'etc' / 'slurm.conf'}".encode()
+        lab = str(self.lab).encode()
+        protected = {os.getpid(), *_ancestors(os.getpid())}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in protected:
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if conf in environ.split(b"\0") or lab in cmdline:
+                found.append(int(entry.name))
+        return [p for p in found if _pid_alive(p)]
 
     # ----------------------------------------------------------------------------------------------- client side
     @property

@@ -83,6 +83,18 @@ def test_ssl_checkpoint_teacher_with_wrappers_and_heads(tmp_path, image, hub_v2)
     assert report.reinitialized == ["legacy_norm.weight", "legacy_norm.bias"]
 
 
+def test_flat_objective_state_picks_the_teacher_backbone(hub_v2):
+    """Objective state dicts are flat: teacher.backbone.*, student.backbone.*, teacher.dino_head.*, ..."""
+    state = {f"teacher.backbone.{k}": v for k, v in hub_v2.items()}
+    state |= {f"student.backbone.{k}": v * 2 for k, v in hub_v2.items()}
+    state |= {"teacher.dino_head.last_layer.weight": torch.zeros(8, 4), "dino_loss.center": torch.zeros(1, 8)}
+    model = timm.create_model("vil2_tiny_patch16_224", num_classes=10, **TINY)
+    report = load_backbone_weights(model, state)
+    _assert_backbone_equal(model, hub_v2, skip=())
+    assert "student.backbone.norm.weight" in report.dropped and "dino_loss.center" in report.dropped
+    assert "dino_head.last_layer.weight" in report.dropped and not report.reinitialized
+
+
 def test_other_num_classes_drops_only_the_classifier(tmp_path, image, hub_v2):
     path = tmp_path / "hub.pth"
     torch.save({"model": hub_v2}, path)

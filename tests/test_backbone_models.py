@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import ssl_vil.backbones  # noqa: F401  (registers the timm models)
 from ssl_vil.backbones import MODEL_NAMES, VisionLSTM, VisionLSTM2, pool_tokens, pooled_dim
@@ -80,6 +79,9 @@ def test_overrides_reach_the_constructor():
     v1 = timm.create_model("vil_tiny_patch16_224", img_size=32, patch_size=4, stride=2, dim=16, depth=3)
     assert isinstance(v1, VisionLSTM) and v1.stride == 2
     assert v1.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 15 * 15, 16)
+    v2 = timm.create_model("vil2_tiny_patch16_224", img_size=32, patch_size=8, stride=4, dim=16, depth=1)
+    assert v2.pos_embed.embed.shape == (1, 4, 4, 16)
+    assert v2.forward_features(torch.randn(1, 3, 32, 40)).shape == (1, 7 * 9, 16)
     with pytest.raises(ValueError, match="pooling"):
         timm.create_model("vil2_tiny_patch16_224", pooling="cls")
     with pytest.raises(ValueError, match="mlstm_backend"):
@@ -174,7 +176,8 @@ def test_timm_contract_and_pretrained_cfg():
     assert model.legacy_norm.normalized_shape == (32,) and model(image).shape == (2, 3)
     final, inter = model.forward_intermediates(image, indices=[0])
     assert final.shape == (2, 16, 32) and len(inter) == 1 and inter[0].shape == (2, 32, 4, 4)
-    assert model.forward_intermediates(image, indices=1, intermediates_only=True, output_fmt="NLC")[0].shape == (2, 16, 32)
+    last = model.forward_intermediates(image, indices=1, intermediates_only=True, output_fmt="NLC")
+    assert len(last) == 1 and last[0].shape == (2, 16, 32)
     features = timm.create_model("vil2_tiny_patch16_224", features_only=True, out_indices=(0, 1), **SMALL)
     assert [f.shape for f in features(image)] == [(2, 32, 4, 4)] * 2
 
@@ -249,3 +252,35 @@ def test_drop_path_subset_and_fallback():
     torch.testing.assert_close(drop.eval()(x, lambda y: y + 1), x + 1)
     with pytest.raises(ValueError):
         ResidualDropPath(1.0)
+
+
+@pytest.mark.parametrize("init_weights", ("original", "original-fixed"))
+def test_official_init(init_weights):
+    """Spec section 4: small init N(0, sqrt(2 / 5d)), proj_down N(0, 2 / (num_blocks sqrt(d))), gate biases etc."""
+    torch.manual_seed(0)
+    dim, depth = 192, 2
+    model = VisionLSTM2(img_size=64, patch_size=16, dim=dim, depth=depth, num_classes=1000, legacy_norm=True,
+                        init_weights=init_weights)
+    layer = model.blocks[1].rowwise_from_bot_right.layer
+    small = (2 / (5 * dim)) ** 0.5
+    num_blocks = 1 if init_weights == "original" else 2 * depth
+    assert layer.proj_up.weight.std().item() == pytest.approx(small, rel=0.03)
+    assert layer.q_proj.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert layer.proj_down.weight.std().item() == pytest.approx(2 / (num_blocks * dim ** 0.5), rel=0.03)
+    for bias in (layer.proj_up.bias, layer.q_proj.bias, layer.proj_down.bias, model.head.bias):
+        assert torch.count_nonzero(bias) == 0
+    cell = layer.mlstm_cell
+    assert torch.count_nonzero(cell.igate.weight) == 0 and torch.count_nonzero(cell.fgate.weight) == 0
+    assert torch.equal(cell.fgate.bias, torch.tensor([3.0, 4.0, 5.0, 6.0]))
+    assert 0 < cell.igate.bias.abs().max() < 0.5
+    assert torch.count_nonzero(cell.outnorm.weight) == 0 and torch.equal(layer.learnable_skip, torch.ones(2 * dim))
+    assert torch.count_nonzero(model.norm.weight) == 0
+    assert torch.count_nonzero(model.blocks[0].rowwise_from_top_left.norm.weight) == 0
+    assert torch.equal(model.legacy_norm.weight, torch.ones(2 * dim))
+    assert model.head.weight.std().item() == pytest.approx(2e-5, rel=0.03)
+    assert model.pos_embed.embed.std().item() == pytest.approx(0.02, rel=0.1)
+    fan_in, fan_out = 3 * 16 * 16, dim
+    bound = (6 / (fan_in + fan_out)) ** 0.5  # xavier-uniform on the weight viewed as a (d, 3 * 16 * 16) matrix
+    assert model.patch_embed.proj.weight.abs().max().item() == pytest.approx(bound, rel=0.01)
+    with pytest.raises(ValueError, match="init_weights"):
+        VisionLSTM2(dim=32, depth=1, init_weights="xavier")

@@ -14,6 +14,8 @@ from ssl_vil.config.errors import ConfigError
 from ssl_vil.data import DataConfigError, build_train_stream, default_collate_views, resolve_shards
 from ssl_vil.data.synthetic import synthetic_key, write_synthetic_shards
 
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
 # 13 shards of uneven size (1..500 samples).
 SIZES = [1, 500, 37, 3, 250, 120, 7, 499, 64, 2, 180, 90, 11]
 ALL_KEYS = {synthetic_key("syn", s, i) for s, n in enumerate(SIZES) for i in range(n)}
@@ -21,7 +23,7 @@ ALL_KEYS = {synthetic_key("syn", s, i) for s, n in enumerate(SIZES) for i in ran
 
 def crop_transform(image, generator):
     """Two views: a random 12x12 crop and a randomly flipped full image, both driven by ``generator``."""
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float()
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
     i, j, flip = torch.randint(0, 5, (3,), generator=generator).tolist()
     full = pixels.flip(-1) if flip % 2 else pixels
     return [pixels[:, i : i + 12, j : j + 12].contiguous(), full.contiguous()]
@@ -55,7 +57,7 @@ def _run_epoch_lockstep(streams):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(60)  # no hang: webdataset's uneven-shard deadlock would stall here
 def test_epoch_mode_exactly_once_across_3_ranks_x_2_workers(shard_dir):
     streams = [_stream(shard_dir, rank=r, world_size=3, num_workers=2) for r in range(3)]
     n, g = sum(SIZES), 15

@@ -138,3 +138,14 @@ def test_center_ignores_padding_rows_and_discard_keeps_center():
     center.commit()  # nothing pending: unchanged
     torch.testing.assert_close(center.center, torch.tensor([1.0, 1.0, 1.0, 1.0]))
     assert set(center.state_dict()) == {"center", "pending_sum", "pending_count"}
+
+
+def test_dino_loss_stays_fp32_under_autocast():
+    g = torch.Generator().manual_seed(1)
+    student = torch.randn(8, 512, generator=g)
+    teacher_probs = torch.softmax(torch.randn(4, 512, generator=g) / 0.04, dim=-1)
+    kwargs = dict(n_student_views=4, n_teacher_views=2, student_temp=0.1)
+    plain = dino_cross_entropy(student, teacher_probs, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = dino_cross_entropy(student, teacher_probs, **kwargs)
+    assert amp.dtype == torch.float32 and torch.equal(amp, plain)

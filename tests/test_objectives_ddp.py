@@ -1,4 +1,5 @@
-"""The objective under DistributedDataParallel (2 gloo ranks): replicas and loss state stay identical."""
+"""The objective under DistributedDataParallel (2 gloo ranks, different seeds): replicas, teachers and
+loss state stay identical."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from ssl_vil.heads import DINOHeadConfig
         from ssl_vil.masking import MultiCropMaskCollate
 
-        torch.manual_seed(0)  # identical initialisation on every rank
+        # A different initialisation on each rank, as a trainer seeding per rank would produce: DDP makes the
+        # students equal, wrap_student must make the teachers (copies of each rank's own student) follow.
+        torch.manual_seed(rank)
         backbone = timm.create_model(
             "vil2_tiny_patch16_224", img_size=32, patch_size=4, dim=64, depth=2, num_classes=0, mask_token=True
         )
@@ -38,6 +41,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         head = DINOHeadConfig(out_dim=64, hidden_dim=64, bottleneck_dim=16, batch_norm=False)
         obj = build_objective("dinov2", backbone, dino_head=head)
         obj.wrap_student(lambda m: DDP(m))
+        for (name, t), s in zip(obj.teacher.named_parameters(), obj.student.parameters()):
+            assert torch.equal(t, s), f"rank {rank}: teacher {name} differs from the broadcast student"
         optimizer = torch.optim.AdamW([p for p in obj.student.parameters() if p.requires_grad], lr=1e-3)
         collate = MultiCropMaskCollate((8, 8), n_global=2)
         gen = torch.Generator().manual_seed(1000 + rank)  # different data on each rank

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from ssl_vil.masking import BlockMaskGenerator, MultiCropMaskCollate, mask_index_buffers, sample_masks
+from ssl_vil.masking import (
+    BlockMaskGenerator,
+    MultiCropMaskCollate,
+    _UniformStream,
+    mask_index_buffers,
+    sample_masks,
+)
 
 
 def _samples(batch, n_global=2, n_local=3, size=32, local_size=16):
@@ -95,7 +101,7 @@ def test_one_block_never_exceeds_the_cap():
     block = BlockMaskGenerator((12, 12), max_num_patches=9)
     for _ in range(200):
         mask = np.zeros((12, 12), dtype=bool)
-        added = block._add_block(mask, 9, gen)
+        added = block._add_block(mask, 9, _UniformStream(gen))
         assert added == int(mask.sum()) <= 9
         full = block(72, gen)
         assert int(full.sum()) <= 72

@@ -9,7 +9,14 @@ import torch
 import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.heads import DINOHeadConfig
 from ssl_vil.objectives import build_objective
-from ssl_vil.schedules import ScheduleConfig, apply_schedules, build_param_groups, layer_decay_scales, lr_at, weight_decay_at
+from ssl_vil.schedules import (
+    ScheduleConfig,
+    apply_schedules,
+    build_param_groups,
+    layer_decay_scales,
+    lr_at,
+    weight_decay_at,
+)
 
 DEPTH = 3
 

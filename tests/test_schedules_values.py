@@ -60,7 +60,9 @@ def test_weight_decay_and_momentum_cosines(step):
     assert ema_momentum_at(step, CFG) == pytest.approx(1.0 + (0.992 - 1.0) * cosine, rel=1e-12)
 
 
-@pytest.mark.parametrize(("step", "expected"), [(0, 0.04), (150, 0.055), (299, 0.04 + 0.03 * 299 / 300), (300, 0.07), (999, 0.07)])
+@pytest.mark.parametrize(
+    ("step", "expected"), [(0, 0.04), (150, 0.055), (299, 0.04 + 0.03 * 299 / 300), (300, 0.07), (999, 0.07)]
+)
 def test_teacher_temperature_warmup(step, expected):
     assert teacher_temp_at(step, CFG) == pytest.approx(expected, rel=1e-12)
     assert teacher_temp_at(step, ScheduleConfig(total_steps=10, base_lr=1.0)) == 0.07  # no warmup: constant

@@ -2,12 +2,15 @@
 
 The sequence is split into ``NC`` chunks of ``L`` tokens. Inside a chunk the stabilised parallel form is used
 (L x L matrices); across chunks a recurrent matrix memory C (DH x DHV), normaliser n (DH) and max state m
-(scalar, log space) carry the past. Everything is plain differentiable torch, so autograd gives the exact
-gradient of this computation, which equals the parallel form's gradient up to floating-point round-off.
+(scalar, log space) carry the past. The max states of all chunks come from one running max (``cummax``), so
+the only sequential part is the linear state update, one fused multiply-add per chunk. Everything is plain
+differentiable torch, so autograd gives the exact gradient of this computation, which equals the parallel
+form's gradient up to floating-point round-off.
 
 Exactness notes:
-  * The max state starts at -inf (no past), so m_t equals the parallel row maximum max_s log D[t, s] exactly;
-    this matters because m enters the output through the ``exp(-m)`` floor of the normaliser and through eps.
+  * The max state starts at -inf (no past), so m_t is the parallel row maximum max_s log D[t, s] (up to
+    round-off), not a clipped version of it; this matters because m enters the output through the
+    ``exp(-m)`` floor of the normaliser and through eps.
   * A length that is not a multiple of the chunk length is padded at the *end*; since the cell is causal the
     padded tokens never influence real outputs and are sliced off.
 """
@@ -62,54 +65,45 @@ def mlstm_chunkwise(
     shape = (batch, num_heads, num_chunks, chunk_len)
     q = q.reshape(*shape, head_dim)
     k = (k / math.sqrt(head_dim)).reshape(*shape, head_dim)
-    v = v.reshape(*shape, value_dim)
+    # A ones column appended to v makes every "@ v" also produce the normaliser sum (one matmul for both).
+    v_ext = torch.cat([v.reshape(*shape, value_dim), v.new_ones(*shape, 1)], dim=-1)
     igate = igate_preact.reshape(shape)
     # log_fgate_cumsum[..., j] = sum of log forget gates of chunk tokens 0..j (inclusive)
     log_fgate_cumsum = torch.cumsum(F.logsigmoid(fgate_preact).reshape(shape), dim=-1)
-    log_fgate_chunk = log_fgate_cumsum[..., -1]  # (B, NH, NC): decay across a whole chunk
-
-    # --- inter-chunk recurrence: the state entering every chunk -------------------------------------------
-    # Weight (log space) of token s in the state at the end of its own chunk.
-    log_w_end = log_fgate_chunk.unsqueeze(-1) - log_fgate_cumsum + igate
-    local_max = log_w_end.amax(dim=-1)  # (B, NH, NC)
-    k_weighted = k * torch.exp(log_w_end - local_max.unsqueeze(-1)).unsqueeze(-1)
-    local_c = k_weighted.transpose(-2, -1) @ v  # (B, NH, NC, DH, DHV), scaled by exp(-local_max)
-    local_n = k_weighted.sum(dim=-2)  # (B, NH, NC, DH)
-
-    # No state enters chunk 0: m = -inf, C = n = 0 (see the module docstring).
-    m_states = [torch.full_like(local_max[..., 0], float("-inf"))]
-    c_states = [torch.zeros_like(local_c[:, :, 0])]
-    n_states = [torch.zeros_like(local_n[:, :, 0])]
-    if num_chunks > 1:
-        m_prev, c_prev, n_prev = local_max[..., 0], local_c[:, :, 0], local_n[:, :, 0]
-        m_states.append(m_prev)
-        c_states.append(c_prev)
-        n_states.append(n_prev)
-        for chunk in range(1, num_chunks - 1):
-            decayed = log_fgate_chunk[..., chunk] + m_prev
-            m_new = torch.maximum(decayed, local_max[..., chunk])
-            scale_prev = torch.exp(decayed - m_new)
-            scale_local = torch.exp(local_max[..., chunk] - m_new)
-            c_prev = scale_prev[..., None, None] * c_prev + scale_local[..., None, None] * local_c[:, :, chunk]
-            n_prev = scale_prev[..., None] * n_prev + scale_local[..., None] * local_n[:, :, chunk]
-            m_prev = m_new
-            m_states.append(m_prev)
-            c_states.append(c_prev)
-            n_states.append(n_prev)
-    m_in = torch.stack(m_states, dim=2)  # (B, NH, NC)
-    c_in = torch.stack(c_states, dim=2)  # (B, NH, NC, DH, DHV)
-    n_in = torch.stack(n_states, dim=2)  # (B, NH, NC, DH)
-
-    # --- outputs: intra-chunk parallel part + decayed incoming state ---------------------------------------
     causal = torch.ones(chunk_len, chunk_len, dtype=torch.bool, device=q.device).tril()
     log_decay = log_fgate_cumsum.unsqueeze(-1) - log_fgate_cumsum.unsqueeze(-2)
     log_decay = torch.where(causal, log_decay + igate.unsqueeze(-2), float("-inf"))  # (B, NH, NC, L, L)
-    log_state = log_fgate_cumsum + m_in.unsqueeze(-1)  # (B, NH, NC, L): log scale of the incoming state
-    max_log = torch.maximum(log_decay.amax(dim=-1), log_state)  # m_t, identical to the parallel row max
-    weights = (q @ k.transpose(-2, -1)) * torch.exp(log_decay - max_log.unsqueeze(-1))
-    state_scale = torch.exp(log_state - max_log)
-    numerator = weights @ v + state_scale.unsqueeze(-1) * (q @ c_in)
-    denominator = weights.sum(dim=-1) + state_scale * (q @ n_in.unsqueeze(-1)).squeeze(-1)
+    intra_max = log_decay.amax(dim=-1)  # (B, NH, NC, L)
+
+    if num_chunks == 1:
+        max_log = intra_max
+        out = ((q @ k.transpose(-2, -1)) * torch.exp(log_decay - max_log.unsqueeze(-1))) @ v_ext
+    else:
+        # --- inter-chunk recurrence: the (stabilised) state [C | n] entering every chunk ---------------------
+        log_fgate_chunk = log_fgate_cumsum[..., -1]  # (B, NH, NC): decay across a whole chunk
+        # Weight (log space) of token s in the state at the end of its own chunk, and its chunk maximum.
+        log_w_end = log_fgate_chunk.unsqueeze(-1) - log_fgate_cumsum + igate
+        local_max = log_w_end.amax(dim=-1)  # (B, NH, NC)
+        k_weighted = k * torch.exp(log_w_end - local_max.unsqueeze(-1)).unsqueeze(-1)
+        local_state = k_weighted.transpose(-2, -1) @ v_ext  # (B, NH, NC, DH, DHV + 1), scaled exp(-local_max)
+        # Max state after chunk c: max over c' <= c of (decay from the end of c' to the end of c) + local_max[c'],
+        # i.e. a running max of local_max - cumulative decay; the state entering chunk 0 has m = -inf.
+        total_decay = torch.cumsum(log_fgate_chunk, dim=-1)
+        m_after = total_decay + torch.cummax(local_max - total_decay, dim=-1).values
+        m_in = torch.cat([torch.full_like(m_after[..., :1], float("-inf")), m_after[..., :-1]], dim=-1)
+        scale_prev = torch.exp(log_fgate_chunk + m_in - m_after)  # old state decayed through chunk c
+        local_state = local_state * torch.exp(local_max - m_after)[..., None, None]
+        states = [torch.zeros_like(local_state[:, :, 0]), local_state[:, :, 0]]
+        for chunk in range(1, num_chunks - 1):
+            states.append(torch.addcmul(local_state[:, :, chunk], scale_prev[..., chunk, None, None], states[-1]))
+        state_in = torch.stack(states, dim=2)  # (B, NH, NC, DH, DHV + 1)
+
+        # --- outputs: intra-chunk parallel part + decayed incoming state -------------------------------------
+        log_state = log_fgate_cumsum + m_in.unsqueeze(-1)  # (B, NH, NC, L): log scale of the incoming state
+        max_log = torch.maximum(intra_max, log_state)  # m_t, equal to the parallel row maximum
+        weights = (q @ k.transpose(-2, -1)) * torch.exp(log_decay - max_log.unsqueeze(-1))
+        out = weights @ v_ext + torch.exp(log_state - max_log).unsqueeze(-1) * (q @ state_in)
+    numerator, denominator = out[..., :value_dim], out[..., value_dim]
     normalizer = torch.maximum(denominator.abs(), torch.exp(-max_log))
     h = numerator / (normalizer + eps).unsqueeze(-1)
     h = h.reshape(batch, num_heads, num_chunks * chunk_len, value_dim)

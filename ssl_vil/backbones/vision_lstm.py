@@ -315,7 +315,9 @@ class VisionLSTM2(_VisionLSTMBase):
         conv_kind: str = "2d",
     ) -> None:
         if conv_kind != "2d":
-            raise ValueError(f"VisionLSTM2 supports conv_kind='2d' only (no released model uses another), got {conv_kind!r}")
+            raise ValueError(
+                f"VisionLSTM2 supports conv_kind='2d' only (no released model uses another), got {conv_kind!r}"
+            )
         if init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights must be one of {INIT_WEIGHTS}, got {init_weights!r}")
         if depth == 24 and dim < 1024:

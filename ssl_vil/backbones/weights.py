@@ -6,9 +6,10 @@ in-memory dict):
     with the official hub rules (spec section 1.1);
   * official hub-key state_dicts;
   * our SSL checkpoints / exports: nested under ``teacher`` (preferred), ``student``, ``model`` or
-    ``state_dict``; ``module.`` / ``_orig_mod.`` wrapper prefixes are stripped; if keys carry a ``backbone.``
-    prefix only those are kept (SSL heads, centers and the like live outside it); ``dino_head.*`` /
-    ``ibot_head.*`` and non-classifier ``head.*`` keys are dropped.
+    ``state_dict`` (as dicts, or as flat ``teacher.*`` / ``student.*`` key prefixes); ``module.`` /
+    ``_orig_mod.`` wrapper prefixes are stripped; if keys carry a ``backbone.`` prefix only those are kept
+    (SSL heads, centers and the like live outside it); ``dino_head.*`` / ``ibot_head.*`` and non-classifier
+    ``head.*`` keys are dropped.
 Then: the position embedding is resized (bicubic) to the model's grid; a ``mask_token`` the model lacks is
 dropped; classifier-side tensors (``head.*`` and the pre-head norm, which the training code stored as
 ``head.0``) that are absent or do not fit the model keep the model's own initialisation. Anything else
@@ -75,21 +76,31 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
+def _strip_wrappers(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        for prefix in WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+    return key
+
+
+def _select_prefix(
+    state_dict: dict[str, torch.Tensor], prefixes: tuple[str, ...], report: LoadReport
+) -> dict[str, torch.Tensor]:
+    """Keep only the keys under the first of ``prefixes`` that any key carries (prefix removed)."""
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in state_dict):
+            report.dropped += [k for k in state_dict if not k.startswith(prefix)]
+            return {_strip_wrappers(k[len(prefix):]): v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
-    """Remove DDP/compile wrapper prefixes and keep only ``backbone.*`` (prefix removed) if present."""
-
-    def clean(key: str) -> str:
-        while key.startswith(WRAPPER_PREFIXES):
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-        return key
-
-    cleaned = {clean(k): v for k, v in state_dict.items()}
-    if any(k.startswith("backbone.") for k in cleaned):
-        report.dropped += [k for k in cleaned if not k.startswith("backbone.")]
-        cleaned = {clean(k[len("backbone."):]): v for k, v in cleaned.items() if k.startswith("backbone.")}
-    return cleaned
+    """Remove DDP/compile wrapper prefixes; of flat ``teacher.*`` / ``student.*`` keys keep the teacher's; then
+    keep only ``backbone.*`` (prefix removed) if present."""
+    cleaned = {_strip_wrappers(k): v for k, v in state_dict.items()}
+    cleaned = _select_prefix(cleaned, ("teacher.", "student."), report)
+    return _select_prefix(cleaned, ("backbone.",), report)
 
 
 def drop_ssl_heads(state_dict: Mapping[str, torch.Tensor], report: LoadReport) -> dict[str, torch.Tensor]:
@@ -208,7 +219,8 @@ def convert_state_dict(
         lines = [f"checkpoint does not fit {type(model).__name__} (dim={model.dim}, depth={model.depth}):"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:30]) + (" ..." if len(items) > 30 else ""))
+                more = " ..." if len(items) > 30 else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:30]) + more)
         raise WeightLoadError("\n".join(lines))
     if report.reinitialized:
         _logger.info("kept the model's initialisation for %s", ", ".join(report.reinitialized))

@@ -156,6 +156,7 @@ class GuardConfig:
 class LoggingConfig:
     log_every_steps: int = 20
     tensorboard: bool = True
+    keys_log: bool = False  # RUN/keys/rank{r}.jsonl: the sample keys of every step (data-order audit)
 
 
 @dataclass(kw_only=True)

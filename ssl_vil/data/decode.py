@@ -3,6 +3,9 @@
 CMYK, grayscale (``L``, ``1``), palette (``P``), alpha (``LA``, ``RGBA``, transparent ``P``) and 16/32-bit
 grayscale (``I;16*``, ``I``, ``F``) images all come out as 8-bit RGB. 16-bit data is rescaled (>> 8) instead of
 clipped, which is what PIL's own ``convert("RGB")`` would do to values above 255.
+
+The pixel limit is ours (``max_pixels``); PIL itself still refuses images above twice its own
+``Image.MAX_IMAGE_PIXELS`` (179 M pixels by default) while opening them, which is reported the same way.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The shards' records, concatenated in manifest order, are split into ``world_size`` contiguous ranges whose
 sizes differ by at most one; rank ``r`` reads its range in order, in batches of ``batch_size`` (the last one may
-be smaller, and a batch shrinks by the bad records it contained). Batch ``i`` of a rank is made by DataLoader
+be smaller, and a batch shrinks by the bad records it contained), so ranks may run one batch more or fewer than
+each other: gather results with their sizes. Batch ``i`` of a rank is made by DataLoader
 worker ``i % num_workers``, so the order does not depend on ``num_workers``. Each batch is
 ``{"keys": list[str], "labels": LongTensor (n,), "images": Tensor (n, ...), "data_errors": {...}}``;
 bad records are dropped and counted like in the training stream (no budget: evaluation reports, it does not stop).

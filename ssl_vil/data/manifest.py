@@ -104,7 +104,8 @@ def read_manifest(root: str | os.PathLike[str], split: str | None = None) -> Man
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise DataConfigError(f"{path}: no manifest for split {split!r} (splits here: {list_splits(directory)})") from exc
+        splits = list_splits(directory)
+        raise DataConfigError(f"{path}: no manifest for split {split!r} (splits here: {splits})") from exc
     except json.JSONDecodeError as exc:
         raise DataConfigError(f"{path}: manifest is not valid JSON ({exc})") from exc
     if data.get("format") != MANIFEST_FORMAT:

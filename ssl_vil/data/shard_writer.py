@@ -119,25 +119,28 @@ def write_shard(
     count = 0
     with atomic_output(path) as handle:
         writer = wds.TarWriter(handle, mtime=0)
-        for item in items:
-            try:
-                data = read_item_bytes(item)
-            except OSError as exc:
-                skipped.append((item.ref, f"unreadable: {exc}"))
-                continue
-            problem = _check_image(data, verify)
-            if problem is not None:
-                skipped.append((item.ref, f"not a decodable image: {problem}"))
-                continue
-            meta: dict[str, object] = {"source": item.ref}
-            if 0 <= item.label < len(classes):
-                meta["class"] = classes[item.label]
-            sample: dict[str, object] = {"__key__": item.key, item.ext: data, "json": meta}
-            if item.label >= 0:
-                sample["cls"] = item.label
-            writer.write(sample)
-            count += 1
-            if on_item is not None:
-                on_item()
-        writer.close()
+        try:
+            for item in items:
+                try:
+                    data = read_item_bytes(item)
+                except OSError as exc:
+                    skipped.append((item.ref, f"unreadable: {exc}"))
+                    continue
+                problem = _check_image(data, verify)
+                if problem is not None:
+                    skipped.append((item.ref, f"not a decodable image: {problem}"))
+                    continue
+                meta: dict[str, object] = {"source": item.ref}
+                if 0 <= item.label < len(classes):
+                    meta["class"] = classes[item.label]
+                sample: dict[str, object] = {"__key__": item.key, item.ext: data, "json": meta}
+                if item.label >= 0:
+                    sample["cls"] = item.label
+                writer.write(sample)
+                count += 1
+                if on_item is not None:
+                    on_item()
+        finally:
+            # Close before the temporary is renamed (success) or deleted (failure), never after.
+            writer.close()
     return ShardResult(path.name, count, file_sha256(path), path.stat().st_size, skipped)

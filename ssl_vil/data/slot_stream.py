@@ -307,5 +307,7 @@ class SlotStream:
                 if self._fallback is not None:
                     break
             else:
-                raise DataError(f"no decodable sample in the whole epoch {self.epoch}; nothing to pad slot {self.slot} with")
+                raise DataError(
+                    f"no decodable sample in the whole epoch {self.epoch}; nothing to pad slot {self.slot} with"
+                )
         return self._fallback

@@ -36,7 +36,10 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://") :] if url.startswith("file://") else url[len("file:") :] if url.startswith("file:") else url
+    for prefix in ("file://", "file:"):
+        if url.startswith(prefix):
+            return url[len(prefix) :]
+    return url
 
 
 def image_member(members: dict[str, bytes]) -> str | None:
@@ -46,6 +49,25 @@ def image_member(members: dict[str, bytes]) -> str | None:
         if ext in lowered:
             return lowered[ext]
     return None
+
+
+class _CountingReader:
+    """Read-only stream wrapper that counts bytes and notes the end of data (to spot a cut tar header)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.total = 0
+        self.at_end = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.total += len(data)
+        if not data and size != 0:
+            self.at_end = True
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 @dataclass(slots=True)
@@ -75,7 +97,7 @@ class ShardRecordReader:
     def __init__(self, url: str, expected: int | None) -> None:
         self.url = url
         self.expected = expected
-        self._file: IO[bytes] | None = None
+        self._file: IO[bytes] | _CountingReader | None = None
         self._tar: tarfile.TarFile | None = None
         self._seekable = is_local(url)
         self._opened = False
@@ -84,6 +106,7 @@ class ShardRecordReader:
         self._eof = False
         self._keys_seen: set[str] = set()
         self._failure: DataIssue | None = None
+        self._deferred: tuple[int, str, str | None] | None = None  # failure met while peeking past a record
 
     @property
     def position(self) -> int:
@@ -96,7 +119,7 @@ class ShardRecordReader:
             raise ValueError(f"{self.url}: cannot go back from record {self._next} to {start}; open a new reader")
         out: list[RawRecord] = []
         while self._next < stop:
-            record = self._read_one(load=self._next >= start)
+            record = self._read_one(load=self._next >= start, load_next=self._next + 1 >= start)
             if record is None:
                 raise IndexError(f"{self.url}: record {self._next} requested but the shard has {self._next} records")
             if record.index >= start:
@@ -107,7 +130,7 @@ class ShardRecordReader:
         """Number of records in the shard (reading headers only where possible) and the issues met."""
         issues: list[DataIssue] = []
         while True:
-            record = self._read_one(load=False)
+            record = self._read_one(load=False, load_next=False)
             if record is None:
                 return self._next, issues
             issues.extend(record.events)
@@ -132,8 +155,8 @@ class ShardRecordReader:
 
     # -- internals -------------------------------------------------------------------------------------------
 
-    def _fail(self, category: str, record: int, message: str) -> None:
-        self._failure = DataIssue(category, self.url, record, None, message)
+    def _fail(self, category: str, record: int, message: str, key: str | None = None) -> None:
+        self._failure = DataIssue(category, self.url, record, key, message)
         self.close()
 
     def _hole(self) -> RawRecord:
@@ -154,7 +177,7 @@ class ShardRecordReader:
                 self._file = open(path, "rb")
                 self._tar = tarfile.open(fileobj=self._file, mode="r:*")
             else:
-                self._file = wds.gopen(self.url, "rb")
+                self._file = _CountingReader(wds.gopen(self.url, "rb"))
                 self._tar = tarfile.open(fileobj=self._file, mode="r|*")
         except tarfile.ReadError as exc:
             text = str(exc)
@@ -167,19 +190,37 @@ class ShardRecordReader:
         except (OSError, ValueError) as exc:
             self._fail("unreadable_shard", 0, f"cannot open shard: {type(exc).__name__}: {exc}")
 
-    def _next_member(self, load: bool) -> tuple[tarfile.TarInfo, bytes | None] | None:
-        """The next regular-file member, with its bytes when ``load`` (streams must read them now or never)."""
+    def _next_info(self) -> tarfile.TarInfo | None:
+        """Header of the next regular-file member (None at the end of the archive)."""
         assert self._tar is not None
         while True:
             info = self._tar.next()
-            if info is None:
-                return None
-            if not info.isfile():
-                continue
-            data = None
-            if load:
-                data = self._member_bytes(info)
-            return info, data
+            if info is None and self._ends_inside_header():
+                raise tarfile.ReadError(f"archive ends inside the member header at byte {self._tar.offset}")
+            if info is None or info.isfile():
+                return info
+
+    def _ends_inside_header(self) -> bool:
+        """tarfile reports a header cut short as a normal end of archive; tell the two apart by the byte count."""
+        assert self._tar is not None
+        if self._seekable:
+            if self._tar.fileobj is not self._file:  # compressed: offsets are not file positions
+                return False
+            size = os.path.getsize(local_path(self.url))
+        else:
+            if getattr(self._tar.fileobj, "comptype", "tar") != "tar" or not isinstance(self._file, _CountingReader):
+                return False
+            if not self._file.at_end:
+                return False
+            size = self._file.total
+        return 0 < size - self._tar.offset < tarfile.BLOCKSIZE
+
+    def _next_member(self, load: bool) -> tuple[tarfile.TarInfo, bytes | None] | None:
+        """The next regular-file member, with its bytes when ``load`` (streams must read them now or never)."""
+        info = self._next_info()
+        if info is None:
+            return None
+        return info, (self._member_bytes(info) if load else None)
 
     def _member_bytes(self, info: tarfile.TarInfo) -> bytes:
         assert self._tar is not None
@@ -190,7 +231,10 @@ class ShardRecordReader:
             raise tarfile.ReadError(f"member {info.name} has {len(data)} of its {info.size} bytes")
         return data
 
-    def _read_one(self, load: bool) -> RawRecord | None:
+    def _read_one(self, load: bool, load_next: bool = True) -> RawRecord | None:
+        """Record ``self._next``; ``load_next`` says the following record may be wanted (streams load it now)."""
+        if self._failure is None and self._deferred is not None and self._deferred[0] == self._next:
+            self._fail("truncated_shard", *self._deferred)
         if self._failure is not None:
             return self._hole()
         if not self._opened:
@@ -198,12 +242,13 @@ class ShardRecordReader:
             if self._failure is not None:
                 return self._hole()
         index = self._next
+        stream = not self._seekable  # a stream must read bytes when it passes them; a file is read lazily
+        key: str | None = None
         try:
             first = self._pending
             self._pending = None
             if first is None and not self._eof:
-                # Streams cannot go back for the bytes, so they load every member they may need later.
-                first = self._next_member(load=load or not self._seekable)
+                first = self._next_member(load=stream and load)
             if first is None:
                 self._eof = True
                 if self.expected is not None and index < self.expected:
@@ -217,23 +262,33 @@ class ShardRecordReader:
             key, ext = split_member_name(first[0].name)
             infos: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {ext: first}
             while True:
-                member = self._next_member(load=load or not self._seekable)
-                if member is None:
+                # A header that cannot be read is charged to this record: it may have been one of its members.
+                info = self._next_info()
+                if info is None:
                     self._eof = True
                     break
-                other_key, other_ext = split_member_name(member[0].name)
+                other_key, other_ext = split_member_name(info.name)
                 if other_key != key or other_ext in infos:
-                    self._pending = member
+                    try:
+                        data = self._member_bytes(info) if stream and load_next else None
+                    except (tarfile.ReadError, EOFError, OSError) as exc:
+                        # The next record's own bytes are cut: this record is whole, the next one fails.
+                        self._deferred = (index + 1, f"tar is truncated or corrupt at record {index + 1}: {exc}",
+                                          other_key)
+                        self._eof = True
+                        break
+                    self._pending = (info, data)
                     break
-                infos[other_ext] = member
+                infos[other_ext] = (info, self._member_bytes(info) if stream and load else None)
             members: dict[str, bytes] | None = None
             if load:
                 members = {}
                 for member_ext, (info, data) in infos.items():
                     members[member_ext] = data if data is not None else self._member_bytes(info)
         except (tarfile.ReadError, EOFError, OSError) as exc:
-            self._fail("truncated_shard", index, f"tar is truncated or corrupt at record {index}: {exc}")
+            self._fail("truncated_shard", index, f"tar is truncated or corrupt at record {index}: {exc}", key)
             return self._hole()
+        assert key is not None
         self._next += 1
         events: list[DataIssue] = []
         error: DataIssue | None = None

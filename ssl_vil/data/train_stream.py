@@ -52,7 +52,9 @@ logger = logging.getLogger("ssl_vil.data")
 
 CURSOR_FORMAT = "ssl_vil.data.cursor/1"
 # Cursor fields that must match for a resume to continue the same sample order.
-_FINGERPRINT = ("mode", "seed", "global_batch_size", "shards", "shuffle_window_samples", "drop_last", "samples_per_epoch")
+_FINGERPRINT = (
+    "mode", "seed", "global_batch_size", "shards", "shuffle_window_samples", "drop_last", "samples_per_epoch",
+)
 
 Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]
 
@@ -64,15 +66,28 @@ def ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """Stack along a new first dim; inside a DataLoader worker, straight into shared memory (no copy on send)."""
+    if get_worker_info() is None:
+        return torch.stack(tensors)
+    first = tensors[0]
+    storage = first.untyped_storage()._new_shared(len(tensors) * first.numel() * first.element_size())
+    out = first.new_empty(0).set_(storage).view(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def _pack_views(views: list[Any]) -> tuple[str, Any]:
     """Stack one worker's views per view index, so a step crosses the process boundary as a few tensors."""
+    if get_worker_info() is None:
+        return "raw", views  # same process: nothing to send, nothing to pack
     first = views[0]
-    if isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.shape == first.shape for v in views):
-        return "tensor", torch.stack(views)
+    if isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.shape == first.shape and v.dtype == first.dtype
+                                         for v in views):
+        return "tensor", _stack(views)
     if isinstance(first, (list, tuple)) and all(isinstance(t, Tensor) for t in first):
-        shapes = [t.shape for t in first]
-        if all(isinstance(v, (list, tuple)) and [t.shape for t in v] == shapes for v in views):
-            return "list", [torch.stack([v[i] for v in views]) for i in range(len(shapes))]
+        signature = [(t.shape, t.dtype) for t in first]
+        if all(isinstance(v, (list, tuple)) and [(t.shape, t.dtype) for t in v] == signature for v in views):
+            return "list", [_stack([v[i] for v in views]) for i in range(len(signature))]
     return "raw", views
 
 
@@ -180,6 +195,12 @@ class TrainStream:
                 f"fewer shards than workers: {len(shards.urls)} shard(s) for {world_size} rank(s) x "
                 f"{max(1, num_workers)} worker(s) = {readers} reader slots; write more, smaller shards "
                 "(make_shards --maxcount) or lower data.num_workers"
+            )
+        if batch_size * shuffle_window_samples > 50_000:
+            logger.warning(
+                "shuffle_window_samples=%d is per slot: this rank buffers up to %d encoded samples (x its %d slots); "
+                "a window of 16-256 is usually enough, the slots of a global batch already mix %d regions",
+                shuffle_window_samples, batch_size * shuffle_window_samples, batch_size, batch_size * world_size,
             )
         if num_workers > batch_size:
             logger.warning("num_workers=%d > batch_size=%d: %d workers stay idle", num_workers, batch_size,

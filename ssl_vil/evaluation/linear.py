@@ -133,12 +133,18 @@ def train_step(grid: LinearGrid, optimizer: torch.optim.Optimizer, features: Gri
     The summed loss gives each head exactly its own cross-entropy gradient (heads share no parameters).
     Gradients are averaged over ranks when distributed (the grid is replicated, like DDP).
     """
-    logits = grid(features)  # (H, B, C)
-    labels = features.labels.expand(logits.shape[0], -1)
-    losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
-    losses = losses.view(logits.shape[0], -1).mean(dim=1)
-    optimizer.zero_grad(set_to_none=True)
-    losses.sum().backward()
+    optimizer.zero_grad(set_to_none=False)
+    if features.labels.numel() == 0:
+        # A rank whose batch held only held-out samples still joins the gradient all-reduce, with zeros.
+        for p in grid.parameters():
+            p.grad = torch.zeros_like(p)
+        losses = torch.full((len(grid.specs),), float("nan"))
+    else:
+        logits = grid(features)  # (H, B, C)
+        labels = features.labels.expand(logits.shape[0], -1)
+        losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+        losses = losses.view(logits.shape[0], -1).mean(dim=1)
+        losses.sum().backward()
     if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         grads = [p.grad for p in grid.parameters()]
         flat = torch.cat([g.flatten() for g in grads])

@@ -54,11 +54,13 @@ def dino_cross_entropy(
     if n_pairs == 0:
         raise ValueError("the DINO loss needs at least one pair of different views")
 
-    log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
-    log_p_student = log_p_student.reshape(n_student_views, batch, -1)
-    p_teacher = at_least_fp32(teacher_probs).reshape(n_teacher_views, batch, -1)
-    # (teacher view, student view) matrix of summed cross-entropies over the batch.
-    ce = -torch.einsum("tbk,sbk->ts", p_teacher, log_p_student)
-    same_view = torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)
-    ce = ce.masked_fill(same_view, 0.0)
-    return ce.sum() / (n_pairs * batch)
+    # Autocast would run the einsum (a matmul) in half precision.
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
+        log_p_student = log_p_student.reshape(n_student_views, batch, -1)
+        p_teacher = at_least_fp32(teacher_probs).to(log_p_student.dtype).reshape(n_teacher_views, batch, -1)
+        # (teacher view, student view) matrix of summed cross-entropies over the batch.
+        ce = -torch.einsum("tbk,sbk->ts", p_teacher, log_p_student)
+        same_view = torch.eye(n_teacher_views, n_student_views, dtype=torch.bool, device=ce.device)
+        ce = ce.masked_fill(same_view, 0.0)
+        return ce.sum() / (n_pairs * batch)

@@ -38,6 +38,7 @@ def ibot_patch_loss(
         )
     if n_images < 1:
         raise ValueError(f"ibot_patch_loss needs n_images >= 1, got {n_images}")
-    log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
-    ce = -(at_least_fp32(teacher_probs) * log_p_student).sum(dim=-1)
-    return (ce * weights.to(ce.dtype)).sum() / n_images
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_p_student = F.log_softmax(at_least_fp32(student_logits) / student_temp, dim=-1)
+        ce = -(at_least_fp32(teacher_probs).to(log_p_student.dtype) * log_p_student).sum(dim=-1)
+        return (ce * weights.to(ce.dtype)).sum() / n_images

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_vil.backbones.pooling import pooled_dim
@@ -34,6 +35,7 @@ from ssl_vil.losses import (
     koleo_loss,
     sinkhorn_knopp,
 )
+from ssl_vil.losses.distributed import is_distributed
 from ssl_vil.objectives.network import SSLNetwork
 from ssl_vil.teacher import ema_update, make_teacher
 
@@ -136,10 +138,25 @@ class SelfDistillationObjective(nn.Module):
 
     # ------------------------------------------------------------------------------------------ trainer API
     def wrap_student(self, wrapper: Callable[[SSLNetwork], nn.Module]) -> nn.Module:
-        """Route the student forward through ``wrapper(self.student)`` (e.g. DistributedDataParallel)."""
+        """Route the student forward through ``wrapper(self.student)`` (e.g. DistributedDataParallel).
+
+        With a process group, the teacher and the centers are broadcast from rank 0 as well: DDP makes the
+        student replicas equal, and the teacher (copied from each rank's own initial student) must follow,
+        or ranks would distil from different teachers and a resumed run (one saved teacher) would diverge.
+        """
         wrapped = wrapper(self.student)
         object.__setattr__(self, "_student_forward", wrapped)
+        if is_distributed():
+            self._broadcast_non_student_state()
         return wrapped
+
+    @torch.no_grad()
+    def _broadcast_non_student_state(self) -> None:
+        tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
+        for center in self._centers():
+            tensors += list(center.buffers())
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
 
     def train(self, mode: bool = True) -> SelfDistillationObjective:
         """Student and teacher heads follow ``mode``; the teacher backbone always runs in eval mode (no

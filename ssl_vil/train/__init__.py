@@ -14,7 +14,10 @@ from pathlib import Path
 
 from ssl_vil.train.preemption import REQUEUE_EXIT_CODE
 
-__all__ = ["REQUEUE_EXIT_CODE", "build_parser", "main"]
+# A run stopped by a guard (non-finite values past the policy, a collapsed teacher, a blown data error budget).
+GUARD_EXIT_CODE = 3
+
+__all__ = ["GUARD_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from ssl_vil.data.errors import DataErrorBudgetExceeded
     from ssl_vil.dist import init_distributed, shutdown
+    from ssl_vil.train.guards import CollapseError, NonFiniteError
     from ssl_vil.train.loop import run
     from ssl_vil.train.run_dir import prepare_run_dir
 
@@ -52,5 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # e.g. too few shards for ranks × workers, found when the stream opens
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CollapseError, DataErrorBudgetExceeded) as e:
+        print(f"training stopped on rank {info.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return GUARD_EXIT_CODE
     finally:
         shutdown()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from ssl_vil.augment.presets import build_multicrop
 from ssl_vil.config import RunConfig
 from ssl_vil.data.train_stream import TrainStream, build_train_stream
@@ -32,9 +34,20 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
 
 
 def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:
-    """Epoch after epoch; iterating the stream yields the rest of its current epoch, from its cursor."""
+    """Epoch after epoch; iterating the stream yields the rest of its current epoch, from its cursor.
+
+    The stream's randomness is seeded from (seed, epoch, key), but starting a DataLoader draws a base seed from
+    the global torch RNG, and a resumed run starts one more loader than an uninterrupted one. Fetching under
+    ``fork_rng`` keeps the trainer's RNG stream (drop path) identical either way.
+    """
     while True:
-        yield from stream
+        it = iter(stream)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                batch = next(it, None)
+            if batch is None:
+                break
+            yield batch
 
 
 def error_counts(batch: dict[str, Any]) -> dict[str, int]:

@@ -20,8 +20,10 @@ from ssl_vil.checkpoint import CheckpointManager, capture_rng_state, config_hash
 from ssl_vil.config import RunConfig, to_dict
 from ssl_vil.dist import DistInfo, barrier, is_distributed
 from ssl_vil.export import export_run
+from ssl_vil.faults import maybe_kill
 from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
 from ssl_vil.train.data import batches_forever, build_stream, error_counts
+from ssl_vil.train.key_log import KeyLog
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.metrics_log import MetricsLogger, StepTimer
 from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, maybe_inject_signal
@@ -32,10 +34,10 @@ from ssl_vil.train.watchdog import HangWatchdog, maybe_inject_sleep
 log = logging.getLogger("ssl_vil.train")
 
 
-def _seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)  # drop path differs per rank, like independent data
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -50,11 +52,12 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
     d = cfg.derived
-    _seed_everything(cfg.train.seed, dist.rank)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-
+    # The same init on every rank: the teacher is a copy made before DDP would broadcast the student.
+    _seed_everything(cfg.train.seed)
     objective = build_ssl_objective(cfg).to(dist.device)
+    _seed_everything(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank streams (drop path) from here on
     student = objective.student
     if is_distributed():
         student = objective.wrap_student(lambda m: DistributedDataParallel(
@@ -96,6 +99,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         restore_rng_state(rng[dist.rank % len(rng)] if isinstance(rng, list) else rng)
     logger = MetricsLogger(run_dir, dist.rank, log_every_steps=cfg.logging.log_every_steps, total_steps=d.total_steps,
                            tensorboard=cfg.logging.tensorboard, start_step=step)
+    keys_log = KeyLog(run_dir, dist.rank, start_step=step, enabled=cfg.logging.keys_log)
     if loaded is not None:
         logger.log_event("resumed", step=step, checkpoint=str(loaded.path), fallbacks=ckpt.fallbacks)
     elif ckpt.fallbacks:
@@ -131,6 +135,8 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
                 metrics = train_step(comp, micro, step)
                 step += 1
                 samples_seen += cfg.optim.global_batch_size
+                keys_log.write(step, [k for b in micro for k in b["keys"]])
+                maybe_kill("mid_step", step=step, rank=dist.rank)
                 timer.step_done(cfg.optim.global_batch_size)
                 for b in micro:
                     for k, v in error_counts(b).items():
@@ -148,6 +154,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
                 stop = preempt.should_stop()  # all ranks agree (MAX all-reduce)
                 if stop or step % cfg.checkpoint.every_steps == 0 or step == d.total_steps:
                     save(step)
+                    maybe_kill("after_checkpoint", step=step, rank=dist.rank)
                     timer.start()
                 if stop:
                     logger.log_event("preempted", step=step, exit_code=REQUEUE_EXIT_CODE)
@@ -155,6 +162,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         finally:
             watchdog.stop()
             logger.close()
+            keys_log.close()
     if dist.is_main:
         export_run(run_dir, step)
     barrier()

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_vil.dist import all_reduce_
-from ssl_vil.faults import fault_matches
+from ssl_vil.faults import fault_matches, maybe_kill
 from ssl_vil.objectives import SelfDistillationObjective
 from ssl_vil.schedules import ScheduleConfig, apply_schedules
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
@@ -93,6 +93,8 @@ def train_step(c: StepComponents, micro_batches: list[dict[str, Any]], step: int
             out = c.objective(batch, teacher_temp=sched["teacher_temp"])
             _inject_loss_fault(out, step, c.rank)
             (out["loss"] / n).backward()
+        if i < n - 1:
+            maybe_kill("accumulation", step=step, rank=c.rank)
         for k in LOSS_TERMS + DIAGNOSTICS:
             totals[k] = totals.get(k, 0.0) + out[k].detach().float() / n
     _inject_grad_fault(c.student, step, c.rank)

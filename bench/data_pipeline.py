@@ -1,0 +1,115 @@
+"""Data-pipeline throughput: our shards + TrainStream vs torchvision ImageFolder + lightly's DINOTransform.
+
+Both pipelines decode the same JPEGs (synthetic 500x375, quality 90) and produce DINO multi-crop views
+(2 x 224 px global + 6 x 96 px local). Rows, measured side by side in one run (rounds interleaved, median):
+
+- ``ours``: WebDataset shards from ``make_shards`` -> ``build_train_stream`` (epoch mode) with the project's
+  ``build_multicrop("dino", n_local=6)``;
+- ``ours+lightly``: the same stream with lightly's ``DINOTransform`` (isolates the data path);
+- ``baseline``: ``torchvision.datasets.ImageFolder`` + ``DINOTransform`` in a plain ``DataLoader``.
+
+Each pipeline runs ``--workers`` DataLoader workers with one torch thread each; samples/s per worker is printed,
+then the ratios ``ours / baseline`` (target >= 1.5) and ``ours+lightly / baseline``.
+
+    python bench/data_pipeline.py [--images 192] [--workers 1] [--rounds 3] [--batch-size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+
+def make_images(root: Path, count: int, classes: int = 8) -> None:
+    """Smooth random 500x375 JPEGs (natural-image-like compression ratio), ``classes`` folders."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        low = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        image = Image.fromarray(low).resize((500, 375), Image.BICUBIC)
+        noise = rng.integers(-12, 13, (375, 500, 3))
+        image = Image.fromarray(np.clip(np.asarray(image).astype(int) + noise, 0, 255).astype(np.uint8))
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"img{i:05d}.jpg", quality=90)
+
+
+def _one_thread(worker_id: int) -> None:
+    torch.set_num_threads(1)
+
+
+def time_loader(batches, expected: int) -> float:
+    """Samples per second over one pass (worker start-up included, as a training epoch would see it)."""
+    start = time.perf_counter()
+    seen = 0
+    for batch in batches:
+        seen += len(batch[1]) if isinstance(batch, (list, tuple)) else len(batch["keys"])
+    elapsed = time.perf_counter() - start
+    assert seen >= expected, (seen, expected)
+    return seen / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from lightly.transforms.dino_transform import DINOTransform
+    from torchvision.datasets import ImageFolder
+
+    from ssl_vil.augment import build_multicrop
+    from ssl_vil.data import build_train_stream
+    from ssl_vil.data.make_shards import make_shards
+
+    dino = DINOTransform(global_crop_size=224, local_crop_size=96, n_local_views=6)
+    ours_tf = build_multicrop("dino", global_size=224, local_size=96, n_local=6)
+
+    def lightly_with_generator(image, generator):
+        return dino(image)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, shards = Path(tmp) / "folder", Path(tmp) / "shards"
+        make_images(folder, args.images)
+        make_shards(str(folder), shards, maxcount=max(1, args.images // 8), progress=False)
+        n = args.images - args.images % args.batch_size
+
+        def stream(transform):
+            return build_train_stream(shards, batch_size=args.batch_size, seed=0, rank=0, world_size=1,
+                                      num_workers=args.workers, transform=transform, error_budget_fraction=None,
+                                      drop_last=True)
+
+        def baseline():
+            dataset = ImageFolder(str(folder), transform=dino)
+            return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                              drop_last=True, worker_init_fn=_one_thread)
+
+        rows = {"ours": lambda: stream(ours_tf), "ours+lightly": lambda: stream(lightly_with_generator),
+                "baseline": baseline}
+        rates: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.rounds):
+            for name, build in rows.items():
+                rates[name].append(time_loader(build(), n))
+        per_worker = {name: statistics.median(r) / max(1, args.workers) for name, r in rates.items()}
+        print(f"images={args.images} workers={args.workers} batch={args.batch_size} rounds={args.rounds} "
+              f"torch={torch.__version__} views=2x224+6x96")
+        for name, rate in per_worker.items():
+            spread = ", ".join(f"{r / max(1, args.workers):.1f}" for r in rates[name])
+            print(f"{name:>13}: {rate:7.1f} samples/s per worker (rounds: {spread})")
+        print(f"ratio ours / baseline         = {per_worker['ours'] / per_worker['baseline']:.2f}  (target >= 1.5)")
+        print(f"ratio ours+lightly / baseline = {per_worker['ours+lightly'] / per_worker['baseline']:.2f}"
+              "  (data path alone)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Full fine-tuning of a pretrained ViL backbone (timm optimizer / scheduler / Mixup / EMA, exact resume).
+
+    python eval/finetune.py --config recipes/finetune_digits.yaml --output-dir OUT [--weights W] [key=value ...]
+
+See ``python eval/finetune.py --help``; the implementation lives in :mod:`ssl_vil.evaluation.finetune_loop`.
+"""
+
+from ssl_vil.evaluation.finetune_cli import main
+
+if __name__ == "__main__":
+    main()

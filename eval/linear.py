@@ -1,0 +1,11 @@
+"""Linear-probe grid evaluation of a pretrained ViL backbone (DINOv2 protocol, held-out and val selection).
+
+    python eval/linear.py --weights RUN_DIR --train-data D --val-data D [--precompute-features] [--output-dir OUT]
+
+See ``python eval/linear.py --help``; the implementation lives in :mod:`ssl_vil.evaluation.linear_cli`.
+"""
+
+from ssl_vil.evaluation.linear_cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Full fine-tuning of a pretrained ViL backbone with timm's parts (MAE / BEiT-style classification fine-tune).
+
+Pieces: ``create_optimizer_v2`` with layer-wise lr decay over the model's ``group_matcher`` (stem, one group per
+ViL block pair, head); timm's cosine scheduler stepped on every optimizer update (only timm's schedulers apply
+the per-group ``lr_scale`` that layer decay relies on); Mixup / CutMix with ``SoftTargetCrossEntropy``;
+RandAugment / RandomErasing through ``create_transform``; drop path; ``ModelEmaV3``; bf16 autocast on GPU.
+
+Exact resume: a checkpoint (atomic, hashed: :class:`ssl_vil.checkpoint.CheckpointManager`) holds the model,
+optimizer, EMA and data cursor at an optimizer step. Every other source of randomness is a pure function of
+counters: augmentations are seeded per sample, and the global RNGs (Mixup's numpy draws, drop path) are
+reseeded from ``(seed, step, rank)`` before each step, as the lr is recomputed from the step. A run killed after
+the checkpoint of step ``s`` and resumed therefore produces the same losses from step ``s + 1`` on as a run that
+was never interrupted (bitwise, on a deterministic device such as the CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from ssl_vil.data.seeding import stable_seed
+from ssl_vil.evaluation.finetune_config import FinetuneConfig
+
+logger = logging.getLogger("ssl_vil.evaluation")
+
+DEFAULT_MEAN = (0.485, 0.456, 0.406)
+DEFAULT_STD = (0.229, 0.224, 0.225)
+TRAIN_LOG = "train_log.jsonl"
+RESULTS_FILE = "results_finetune.json"
+
+
+# --------------------------------------------------------------------------------------------------- model
+def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Classifier with ``num_classes`` outputs and drop path, initialised from ``cfg.model.weights`` (or random).
+
+    Returns (model, info) with info = model.json-style ``{"model", "kwargs", "img_size", "mean", "std", ...}``.
+    The pretrained backbone is loaded by :func:`ssl_vil.export.load_pretrained_backbone` (any weights format)
+    and copied into a fresh model; only the classifier (``head.*``) may be missing from it.
+    """
+    import timm
+
+    import ssl_vil  # noqa: F401  (registers the ViL models with timm)
+
+    m = cfg.model
+    if m.weights is not None:
+        from ssl_vil.export import load_pretrained_backbone
+
+        backbone, info = load_pretrained_backbone(m.weights, m.name, **m.kwargs)
+        model = timm.create_model(info["model"], pretrained=False, num_classes=num_classes,
+                                  drop_path_rate=m.drop_path_rate, **info["kwargs"])
+        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
+        not_head = [k for k in missing if not k.startswith("head.")]
+        if not_head or unexpected:
+            raise RuntimeError(f"pretrained backbone does not fit {info['model']}: missing {not_head}, "
+                               f"unexpected {list(unexpected)}")
+        del backbone
+    else:
+        model = timm.create_model(m.name, pretrained=False, num_classes=num_classes,
+                                  drop_path_rate=m.drop_path_rate, **m.kwargs)
+        pcfg = getattr(model, "pretrained_cfg", {}) or {}
+        info = {"model": m.name, "kwargs": dict(m.kwargs), "source": None,
+                "img_size": m.kwargs.get("img_size", pcfg.get("input_size", (3, 224, 224))[-1]),
+                "mean": list(pcfg.get("mean", DEFAULT_MEAN)), "std": list(pcfg.get("std", DEFAULT_STD))}
+    return model, info
+
+
+# ---------------------------------------------------------------------------------------- optim and schedule
+def learning_rate(cfg: FinetuneConfig, global_batch_size: int) -> float:
+    """Peak lr: ``optim.lr`` if set, else ``base_lr x global_batch / 256`` (linear scaling, as MAE and BEiT)."""
+    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch_size / 256.0
+
+
+def build_optimizer(model: nn.Module, cfg: FinetuneConfig, lr: float) -> torch.optim.Optimizer:
+    """timm optimizer; with layer decay each param group carries ``lr_scale`` = decay^(groups-1-group index)."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    extra: dict[str, Any] = {}
+    if any(name in o.opt.lower() for name in ("adam", "lamb", "lion", "adopt", "laprop")):
+        extra["betas"] = tuple(o.betas)
+    layer_decay = o.layer_decay if o.layer_decay is not None and o.layer_decay < 1.0 else None
+    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, layer_decay=layer_decay,
+                               **extra)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: FinetuneConfig, steps_per_epoch: int) -> Any:
+    """timm cosine schedule with linear warmup, in optimizer updates (``step_update(step)`` before each step)."""
+    from timm.scheduler import create_scheduler_v2
+
+    s = cfg.schedule
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=s.train_epochs, warmup_epochs=s.warmup_epochs,
+        warmup_lr=s.warmup_lr, min_lr=s.min_lr, step_on_epochs=False, updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
+def reseed_step(seed: int, step: int, rank: int) -> None:
+    """Global RNGs (python, numpy, torch) from (seed, step, rank): Mixup and drop path become step functions."""
+    s = stable_seed(seed, "finetune-step", step, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def autocast_context(device: torch.device, precision: str) -> Any:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# -------------------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    total: int
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: torch.device,
+             precision: str = "auto") -> EvalResult:
+    """Top-1 / top-5 (%) and mean cross-entropy over all batches (summed over ranks when distributed)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
+    with autocast_context(device, precision):
+        for batch in batches:
+            images = batch["images"].to(device, non_blocking=True)
+            labels = torch.as_tensor(batch["labels"], dtype=torch.long).to(device)
+            logits = model(images).float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hit = top == labels.unsqueeze(1)
+            sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
+                                 nn.functional.cross_entropy(logits, labels, reduction="sum"),
+                                 torch.tensor(labels.numel(), device=device)]).double()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(sums)
+    model.train(was_training)
+    top1, top5, loss, total = sums.tolist()
+    n = max(total, 1.0)
+    return EvalResult(100.0 * top1 / n, 100.0 * top5 / n, loss / n, int(total))
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class TrainLog:
+    """JSON lines ``OUT/train_log.jsonl`` (rank 0): one ``{"step", "epoch", "loss", "lr"}`` per optimizer step
+    plus eval events. On resume, lines past the checkpoint's step are dropped, so the log matches the state."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_train_log(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def lr_of_groups(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
+    """lr of the un-decayed groups (lr_scale 1: head) = the scheduler's current value."""
+    return max(float(g["lr"]) / float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def total_steps_of(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
+    return cfg.schedule.train_epochs * steps_per_epoch
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def eta_seconds(elapsed_s: float, done: int, total: int) -> float:
+    return elapsed_s / done * (total - done) if done else math.nan
+
+
+class StepTimer:
+    """Throughput over the steps since the last report."""
+
+    def __init__(self) -> None:
+        self.t0, self.samples = time.perf_counter(), 0
+
+    def add(self, n: int) -> None:
+        self.samples += n
+
+    def rate_and_reset(self) -> float:
+        now = time.perf_counter()
+        rate = self.samples / max(now - self.t0, 1e-9)
+        self.t0, self.samples = now, 0
+        return rate

@@ -1,0 +1,257 @@
+"""The fine-tuning run: build everything from a :class:`FinetuneConfig`, resume if a checkpoint exists, train,
+evaluate, write ``OUT/results_finetune.json``. See :mod:`ssl_vil.evaluation.finetune` for the parts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_vil.checkpoint import CheckpointManager, config_hash
+from ssl_vil.dist import DistInfo, barrier, init_distributed
+from ssl_vil.evaluation import finetune as ft
+from ssl_vil.evaluation.finetune_config import FinetuneConfig
+from ssl_vil.evaluation.inputs import default_split, eval_transform, open_eval_source
+from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
+from ssl_vil.evaluation.train_inputs import open_train_stream, source_classes
+from ssl_vil.evaluation.weights_id import weights_sha256
+
+logger = logging.getLogger("ssl_vil.evaluation")
+
+
+def _train_transform(cfg: FinetuneConfig, img_size: int, mean: list[float], std: list[float]) -> Any:
+    from timm.data import create_transform
+
+    a = cfg.augment
+    return create_transform(
+        input_size=img_size, is_training=True, scale=tuple(a.scale), hflip=a.hflip, color_jitter=a.color_jitter,
+        auto_augment=a.auto_augment, interpolation=a.interpolation, mean=tuple(mean), std=tuple(std),
+        re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count,
+    )
+
+
+def _class_count(cfg: FinetuneConfig, classes: tuple[str, ...] | list[str]) -> int:
+    if cfg.model.num_classes is not None:
+        return cfg.model.num_classes
+    if not classes:
+        raise ValueError(f"data.train {cfg.data.train!r} names no classes (no manifest 'classes' / ImageFolder "
+                         "sub-directories); set model.num_classes")
+    return len(classes)
+
+
+class _Run:
+    """State of one fine-tuning process (rank)."""
+
+    def __init__(self, cfg: FinetuneConfig, output_dir: Path, dist: DistInfo) -> None:
+        self.cfg, self.out, self.dist = cfg, output_dir, dist
+        self.device = dist.device
+        d = cfg.data
+        # Model init draws from the global RNG: same seed on every rank, so DDP starts from one model.
+        torch.manual_seed(cfg.train.seed)
+        train_split = d.train_split or default_split(d.train, "train")
+        self.val_split = d.val_split or (default_split(d.val, "val") if d.val else None)
+
+        # Class count (from the data) -> model and its info (size, normalisation) -> transform -> stream.
+        self.num_classes = _class_count(cfg, source_classes(d.train, train_split))
+        model, self.info = ft.build_model(cfg, self.num_classes)
+        self.model = model.to(self.device)
+        self.img_size = d.img_size or int(self.info["img_size"])
+        self.mean = d.mean or list(self.info["mean"])
+        self.std = d.std or list(self.info["std"])
+        self.stream = open_train_stream(
+            d.train, transform=_train_transform(cfg, self.img_size, self.mean, self.std), batch_size=d.batch_size,
+            seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, num_workers=d.num_workers,
+            split=train_split,
+        )
+        self.steps_per_epoch = self.stream.batches_per_epoch
+        self.total_steps = ft.total_steps_of(cfg, self.steps_per_epoch)
+        self.lr = ft.learning_rate(cfg, self.stream.global_batch_size)
+        self.optimizer = ft.build_optimizer(self.model, cfg, self.lr)
+        self.scheduler = ft.build_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.ema = None
+        if cfg.ema.enabled:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=cfg.ema.decay)
+        self.train_model: nn.Module = self.model
+        if dist.world_size > 1:
+            self.train_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.mixup, self.criterion = self._loss()
+        self.ckpt = CheckpointManager(output_dir, keep_last=cfg.train.keep_last, keep_every_steps=None,
+                                      config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
+                                      git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
+        self.log = ft.TrainLog(output_dir / ft.TRAIN_LOG, enabled=dist.is_main)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    def _loss(self) -> tuple[Any, nn.Module]:
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        m = self.cfg.mixup
+        if m.active:
+            mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                          switch_prob=m.switch_prob, mode="batch", label_smoothing=m.label_smoothing,
+                          num_classes=self.num_classes)
+            return mixup, SoftTargetCrossEntropy()
+        if m.label_smoothing > 0:
+            return None, LabelSmoothingCrossEntropy(smoothing=m.label_smoothing)
+        return None, nn.CrossEntropyLoss()
+
+    # ------------------------------------------------------------------------------------------- checkpoint
+    def payload(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "data": self.stream.state_dict(), "config": self.cfg.to_dict(),
+                             "history": list(self.history)}
+        if self.ema is not None:
+            p["ema"] = self.ema.module.state_dict()
+        return p
+
+    def save(self) -> None:
+        self.ckpt.save(self.step, self.payload(), metadata={"epoch": self.stream.epoch,
+                                                             "batches_consumed": self.stream.batches_consumed})
+
+    def try_resume(self) -> bool:
+        loaded = self.ckpt.load_latest(map_location=self.device)
+        if loaded is None:
+            return False
+        p = loaded.payload
+        self.model.load_state_dict(p["model"])
+        self.optimizer.load_state_dict(p["optimizer"])
+        if self.ema is not None:
+            if "ema" not in p:
+                raise RuntimeError(f"{loaded.path}: checkpoint has no EMA state but ema.enabled=true")
+            self.ema.module.load_state_dict(p["ema"])
+        self.stream.load_state_dict(p["data"])
+        self.history = list(p.get("history", []))
+        self.step = loaded.step
+        self.log.truncate_after(self.step)
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
+                    self.stream.epoch, self.stream.batches_consumed, self.steps_per_epoch)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ train
+    def train_step(self, batch: dict[str, Any]) -> float:
+        """One optimizer step; returns the loss averaged over ranks."""
+        cfg = self.cfg
+        ft.reseed_step(cfg.train.seed, self.step, self.dist.rank)
+        self.scheduler.step_update(num_updates=self.step)
+        x = batch["views"].to(self.device, non_blocking=True)
+        y = batch["labels"].to(self.device, non_blocking=True)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        with ft.autocast_context(self.device, cfg.train.precision):
+            loss = self.criterion(self.train_model(x), y)
+        if not ft.is_finite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} "
+                                     f"(epoch {batch['epoch']}, batch {batch['batch_in_epoch']})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.step)
+        value = loss.detach().float().reshape(1)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(value)
+            value /= self.dist.world_size
+        return float(value.item())
+
+    def evaluate(self, epoch: int) -> dict[str, Any] | None:
+        if not self.cfg.data.val:
+            return None
+        d = self.cfg.data
+        source = open_eval_source(d.val, transform=eval_transform(self.img_size, self.mean, self.std,
+                                                                  d.eval_crop_pct),
+                                  batch_size=d.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
+                                  num_workers=d.num_workers, split=self.val_split)
+        res = ft.evaluate(self.model, source.batches(), self.device, self.cfg.train.precision)
+        record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": epoch + 1, "top1": res.top1,
+                                  "top5": res.top5, "loss": res.loss, "n_val": res.total}
+        if self.ema is not None:
+            ema_res = ft.evaluate(self.ema.module, source.batches(), self.device, self.cfg.train.precision)
+            record.update(ema_top1=ema_res.top1, ema_top5=ema_res.top5, ema_loss=ema_res.loss)
+        logger.info("eval after epoch %d (step %d): top1 %.2f top5 %.2f%s", epoch + 1, self.step, res.top1,
+                    res.top5, f" | EMA top1 {record['ema_top1']:.2f}" if self.ema is not None else "")
+        self.log.write(record)
+        self.history.append(record)
+        return record
+
+    def run(self) -> None:
+        cfg = self.cfg
+        timer, t_start, start_step = ft.StepTimer(), time.perf_counter(), self.step
+        self.model.train()
+        while self.step < self.total_steps:
+            for batch in self.stream:
+                loss = self.train_step(batch)
+                timer.add(batch["views"].shape[0] * self.dist.world_size)
+                lr = ft.peak_group_lr(self.optimizer)
+                self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr})
+                if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
+                    eta = ft.eta_seconds(time.perf_counter() - t_start, self.step - start_step,
+                                         self.total_steps - start_step)
+                    logger.info("step %d/%d (epoch %d) loss %.4f lr %.3g %.1f img/s ETA %s", self.step,
+                                self.total_steps, batch["epoch"] + 1, loss, lr, timer.rate_and_reset(),
+                                ft.fmt_duration(eta) if eta == eta else "?")
+                epoch_done = batch["batch_in_epoch"] + 1 == self.steps_per_epoch
+                # Evaluate before the epoch-end checkpoint, so a resumed run never skips or repeats an eval.
+                if epoch_done and ((batch["epoch"] + 1) % cfg.train.eval_every_epochs == 0
+                                   or self.step >= self.total_steps):
+                    self.evaluate(batch["epoch"])
+                if self.step % cfg.train.checkpoint_every_steps == 0 or epoch_done:
+                    self.save()
+                if self.step >= self.total_steps:
+                    break
+
+
+def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
+    """Fine-tune per ``cfg`` into ``output_dir`` (resuming from its newest checkpoint unless ``resume=False``).
+
+    Returns the results dict (also written to ``OUT/results_finetune.json`` by rank 0).
+    """
+    output_dir = Path(output_dir)
+    dist = init_distributed(device=cfg.train.device)
+    setup_logging(dist.rank)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    t0 = time.perf_counter()
+    run = _Run(cfg, output_dir, dist)
+    resumed = resume and run.try_resume()
+    if not resumed and dist.is_main:
+        run.log.truncate_after(0)
+    logger.info("fine-tuning %s: %d classes, %d steps (%d epochs x %d), global batch %d, peak lr %.3g",
+                run.info["model"], run.num_classes, run.total_steps, cfg.schedule.train_epochs,
+                run.steps_per_epoch, run.stream.global_batch_size, run.lr)
+    run.run()
+    evals = [h for h in run.history if h.get("event") == "eval"]
+    final = evals[-1] if evals else None
+    source = run.info.get("source") or cfg.model.weights
+    results: dict[str, Any] = {
+        "protocol": "finetune",
+        "weights": cfg.model.weights,
+        "weights_sha256": weights_sha256(source) if source else None,
+        "model": run.info["model"], "model_kwargs": run.info.get("kwargs", {}),
+        "num_classes": run.num_classes, "img_size": run.img_size,
+        "steps": run.step, "train_epochs": cfg.schedule.train_epochs, "steps_per_epoch": run.steps_per_epoch,
+        "global_batch_size": run.stream.global_batch_size,
+        "samples_seen": run.step * run.stream.global_batch_size,
+        "peak_lr": run.lr, "world_size": dist.world_size, "device": str(dist.device), "resumed": resumed,
+        "final": final, "best_top1": max((h["top1"] for h in evals), default=None),
+        "evals": evals, "config": cfg.to_dict(), "elapsed_s": time.perf_counter() - t0,
+    }
+    if dist.is_main:
+        write_json_atomic(output_dir / ft.RESULTS_FILE, results)
+        summary = (f"fine-tune {run.info['model']}: {run.step} steps" + (
+            f", val top1 {final['top1']:.2f} top5 {final['top5']:.2f}" if final else ", no val data") + (
+            f", EMA top1 {final['ema_top1']:.2f}" if final and "ema_top1" in final else ""))
+        print(summary, flush=True)
+    barrier()
+    return results

@@ -1,0 +1,167 @@
+"""Fine-tuning: layer-decay lr scales per ViL block pair, a digits epoch end to end, exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_vil.config import ConfigError
+from ssl_vil.evaluation import finetune as ft
+from ssl_vil.evaluation.finetune_config import load_finetune_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "finetune_digits.yaml"
+TINY = "{img_size: 16, patch_size: 4, dim: 32, depth: 2, mlstm_backend: parallel}"
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory) -> Path:
+    """Digits train (1297) / val (500) shards in one directory, shared by the eval tests (make_shards is idempotent)."""
+    from ssl_vil.data import make_shards
+
+    root = tmp_path_factory.getbasetemp() / "eval_digits_shards"
+    for split in ("train", "val"):
+        assert make_shards.main(["builtin:digits", str(root), "--split", split, "--maxcount", "200"]) == 0
+    return root
+
+
+def _tiny_overrides(shards: Path, *extra: str) -> list[str]:
+    return [f"data.train={shards}", f"data.val={shards}", "model.name=vil2_tiny_patch16_224",
+            f"model.kwargs={TINY}", "data.mean=[0.3,0.3,0.3]", "data.std=[0.4,0.4,0.4]", "data.num_workers=0",
+            *extra]
+
+
+def _timm_cosine(t: int, *, base: float, warmup_lr: float, min_lr: float, warmup_t: int, total_t: int) -> float:
+    """timm's CosineLRScheduler (warmup_prefix=False, one cycle), written out independently."""
+    if t < warmup_t:
+        return warmup_lr + t * (base - warmup_lr) / warmup_t
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t / total_t))
+
+
+def _expected_pair_scale(name: str, decay: float, depth: int) -> float:
+    """Stem -> decay^(depth+1), block pair i -> decay^(depth-i), final norm with the last pair, head -> 1."""
+    if name.startswith(("patch_embed.", "pos_embed.")):
+        layer = 0
+    elif name.startswith("blocks."):
+        layer = int(name.split(".")[1]) + 1
+    elif name.startswith("norm."):
+        layer = depth
+    else:  # head.*, legacy_norm.* (pre-head norm)
+        layer = depth + 1
+    return decay ** (depth + 1 - layer)
+
+
+@pytest.mark.parametrize("step", [0, 3, 7, 14])
+def test_layer_decay_scales_seen_by_optimizer(step):
+    cfg = load_finetune_config(RECIPE, _tiny_overrides(Path("unused"), "optim.layer_decay=0.6", "optim.lr=0.01",
+                                                      "schedule.train_epochs=3", "schedule.warmup_epochs=1",
+                                                      "schedule.warmup_lr=1e-4", "schedule.min_lr=1e-5"))
+    model, _ = ft.build_model(cfg, num_classes=10)
+    optimizer = ft.build_optimizer(model, cfg, lr=0.01)
+    steps_per_epoch = 5
+    scheduler = ft.build_scheduler(optimizer, cfg, steps_per_epoch)
+    scheduler.step_update(num_updates=step)
+    sched_lr = _timm_cosine(step, base=0.01, warmup_lr=1e-4, min_lr=1e-5, warmup_t=5, total_t=15)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen_scales = set()
+    covered = 0
+    for group in optimizer.param_groups:
+        expected = {_expected_pair_scale(names[id(p)], 0.6, depth=2) for p in group["params"]}
+        assert len(expected) == 1, f"group mixes layers: {[names[id(p)] for p in group['params']]}"
+        scale = expected.pop()
+        assert group["lr"] == pytest.approx(sched_lr * scale, rel=1e-12), [names[id(p)] for p in group["params"]]
+        seen_scales.add(round(scale, 12))
+        covered += len(group["params"])
+        # weight decay only on >= 2-D weights that are not the position embedding
+        for p in group["params"]:
+            decays = p.ndim >= 2 and names[id(p)] != "pos_embed.embed"
+            assert (group["weight_decay"] > 0) == decays, names[id(p)]
+    assert covered == len(list(model.parameters()))
+    assert seen_scales == {round(0.6**k, 12) for k in range(4)}  # stem, pair 0, pair 1, head
+
+
+def test_config_errors_name_the_key():
+    named = ["model.name=vil2_tiny_patch16_224"]
+    with pytest.raises(ConfigError, match="optim.lrr: unknown key; did you mean optim.lr"):
+        load_finetune_config(RECIPE, [*named, "optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="data.batch_size: got 33, expected an even number"):
+        load_finetune_config(RECIPE, [*named, "data.batch_size=33", "mixup.prob=1.0", "mixup.mixup_alpha=0.8"])
+    with pytest.raises(ConfigError, match="schedule.warmup_epochs"):
+        load_finetune_config(RECIPE, [*named, "schedule.warmup_epochs=20"])
+    with pytest.raises(ConfigError, match="optim.base_lr: got 'fast', expected float"):
+        load_finetune_config(RECIPE, [*named, "optim.base_lr=fast"])
+    with pytest.raises(ConfigError, match="model.name: got None"):
+        load_finetune_config(RECIPE, [])
+
+
+def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
+    from ssl_vil.evaluation.finetune_cli import main
+
+    torch.set_num_threads(1)
+    res = main(["--config", str(RECIPE), "--output-dir", str(tmp_path),
+                *_tiny_overrides(digits_shards, "schedule.train_epochs=1", "schedule.warmup_epochs=0",
+                                 "train.eval_every_epochs=1", "optim.lr=3e-3")])
+    assert res["steps"] == 20 and res["steps_per_epoch"] == 1297 // 64
+    assert res["final"]["n_val"] == 500  # every val sample exactly once
+    assert res["num_classes"] == 10
+    log = ft.read_train_log(tmp_path / ft.TRAIN_LOG)
+    losses = [r["loss"] for r in log if "event" not in r]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    # It learns within one epoch: clearly better than chance (10 %) on val.
+    assert res["final"]["top1"] > 20.0, res["final"]
+    assert (tmp_path / "checkpoints" / "step_00000020").is_dir()
+    assert (tmp_path / ft.RESULTS_FILE).is_file()
+
+
+def _ft_command(shards: Path, out: Path) -> list[str]:
+    # Every random part is on: RandAugment, random erasing, mixup/cutmix, drop path, EMA.
+    return [sys.executable, str(REPO / "eval" / "finetune.py"), "--config", str(RECIPE), "--output-dir", str(out),
+            *_tiny_overrides(shards, "schedule.train_epochs=1", "schedule.warmup_epochs=0", "data.batch_size=64",
+                             "train.checkpoint_every_steps=5", "train.eval_every_epochs=1",
+                             "mixup.mixup_alpha=0.8", "mixup.cutmix_alpha=1.0", "mixup.prob=1.0",
+                             "augment.re_prob=0.25", "model.drop_path_rate=0.1", "ema.enabled=true",
+                             "ema.decay=0.9", "train.precision=fp32", "train.device=cpu")]
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    subprocess.run(_ft_command(digits_shards, ref_dir), check=True, env=env, cwd=REPO, capture_output=True)
+    reference = [r for r in ft.read_train_log(ref_dir / ft.TRAIN_LOG) if "event" not in r]
+    assert [r["step"] for r in reference] == list(range(1, 21))
+
+    proc = subprocess.Popen(_ft_command(digits_shards, run_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = run_dir / "checkpoints" / "LATEST"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text().strip() == "step_00000010":
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_log = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if "event" not in r]
+    assert 10 <= len(killed_log) < 20  # killed mid-epoch, after the step-10 checkpoint
+
+    subprocess.run(_ft_command(digits_shards, run_dir), check=True, env=env, cwd=REPO, capture_output=True)
+    resumed = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if "event" not in r]
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    # Bitwise-equal losses and lrs for every step, before and after the resume point.
+    assert [(r["loss"], r["lr"]) for r in resumed] == [(r["loss"], r["lr"]) for r in reference]
+    ref_eval = [r for r in ft.read_train_log(ref_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
+    run_eval = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
+    assert run_eval == ref_eval and len(ref_eval) == 1
+    ref_state = torch.load(ref_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    assert ref_state.keys() == run_state.keys()
+    assert all(torch.equal(ref_state[k], run_state[k]) for k in ref_state)
