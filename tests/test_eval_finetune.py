@@ -102,6 +102,18 @@ def test_config_errors_name_the_key():
         load_finetune_config(RECIPE, [])
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("finetune_*.yaml")))
+def test_every_finetune_recipe_loads_and_documents_itself(recipe):
+    path = REPO / "recipes" / recipe
+    cfg = load_finetune_config(path, ["model.weights=runs/some_run"])
+    head = path.read_text().splitlines()[:12]
+    assert head[0].startswith("# "), "a recipe starts with a comment"
+    text = "\n".join(head).lower()
+    assert f"eval/finetune.py --config recipes/{recipe}" in text  # the exact command
+    assert "hardware / wall time" in text and "anchors" in text
+    assert cfg.schedule.train_epochs >= 1
+
+
 def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
     from ssl_vil.evaluation.finetune_cli import main
 

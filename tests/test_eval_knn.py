@@ -165,3 +165,15 @@ def test_distributed_equals_single_process(backend):
     # Counts are all-reduced, so both ranks report the global figures.
     assert out[0][2] == out[1][2] == single_res
     assert single_res[2].k_effective == 200 and single_res[0].total == 50
+
+
+def test_feature_extraction_rejects_a_sample_read_twice():
+    from ssl_vil.evaluation import features
+
+    batches = [{"keys": ["a", "b"], "labels": [0, 1], "images": torch.zeros(2, 3)},
+               {"keys": ["c", "a"], "labels": [2, 0], "images": torch.zeros(2, 3)}]
+    with pytest.raises(ValueError, match="'a' was delivered twice"):
+        features.extract(batches, lambda x: x, device=torch.device("cpu"))
+    out = features.extract(batches[:1], lambda x: x + 1.0, device=torch.device("cpu"), normalize=True)
+    assert out.keys == ["a", "b"] and torch.equal(out.labels, torch.tensor([0, 1]))
+    torch.testing.assert_close(out.features, torch.full((2, 3), 3 ** -0.5))

@@ -104,10 +104,11 @@ def extract(
                 progress.update(images.shape[0])
     if progress is not None:
         progress.close()
-    if len(set(keys)) != len(keys):
-        seen: set[str] = set()
-        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"sample key {dup!r} was delivered twice; every sample must be read exactly once")
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            raise ValueError(f"sample key {key!r} was delivered twice; every sample must be read exactly once")
+        seen.add(key)
     if not feats:
         return FeatureSet(torch.empty(0, 0), torch.empty(0, dtype=torch.long), [])
     return FeatureSet(torch.cat(feats), torch.cat(labels), keys)

@@ -86,6 +86,8 @@ def _no_sync(student: nn.Module, last: bool) -> contextlib.AbstractContextManage
 def train_step(c: StepComponents, micro_batches: list[dict[str, Any]], step: int) -> dict[str, float]:
     """Run one optimizer step over ``micro_batches``; returns globally reduced metrics (``skipped`` > 0 if skipped)."""
     sched = apply_schedules(c.optimizer, step, c.schedule)  # lr, wd, momentum, teacher temp: pure in step
+    # Forward passes move buffers (BatchNorm running stats); a skipped step must leave them as they were.
+    buffers = [(b, b.clone()) for b in c.objective.buffers()]
     n = len(micro_batches)
     totals: dict[str, Tensor] = {}
     for i, batch in enumerate(micro_batches):
@@ -111,7 +113,9 @@ def train_step(c: StepComponents, micro_batches: list[dict[str, Any]], step: int
     spike = ok and c.spike is not None and c.spike.check(metrics["loss"], metrics["grad_norm"], step=step)
     if not ok or spike:
         c.optimizer.zero_grad(set_to_none=True)
-        c.objective.discard_step()  # centers untouched; model, teacher, optimizer were never touched
+        for b, saved in buffers:
+            b.copy_(saved)
+        c.objective.discard_step()  # centers untouched; parameters and optimizer were never touched
         return metrics | {"skipped": 1.0, "skip_nonfinite": float(not ok), "skip_spike": float(bool(spike))}
 
     c.optimizer.step()
