@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install snapshots clean
+.PHONY: demo test install snapshots golden clean
 
 install: $(STAMP)
 
@@ -29,3 +29,7 @@ snapshots: $(STAMP)
 
 clean:
 	rm -rf runs
+
+# Regenerate the golden 20-step loss file (tests/golden/) after an intended change of the numerics.
+golden: $(STAMP)
+	$(PY) tests/test_train_determinism.py --write

@@ -4,8 +4,8 @@
 
 Clustered Gaussian features, L2-normalised, float32, exact inner-product top-k on CPU. Prints best-of
 wall times, the torch / faiss ratio (target <= 1.1) and checks that both backends return the same
-neighbours: identical index sets per query, except where the k-th and (k+1)-th similarity are exactly
-equal (then either neighbour is a correct answer) -- those are counted and printed.
+neighbours: identical index sets per query, except where the k-th and (k+1)-th similarity are
+equal to fp32 rounding (then either neighbour is a correct answer) -- those are counted and printed.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def compare_neighbours(
     t_sims: torch.Tensor, t_idx: torch.Tensor, f_sims: torch.Tensor, f_idx: torch.Tensor, bank: torch.Tensor,
     queries: torch.Tensor,
 ) -> tuple[int, int]:
-    """Returns (rows with identical neighbour sets, rows that differ only by an exact similarity tie).
+    """Returns (rows with identical neighbour sets, rows that differ only by a similarity tie at rank k).
 
     Raises AssertionError for any row whose difference is not explained by a tie.
     """
@@ -39,11 +39,10 @@ def compare_neighbours(
     for row in torch.nonzero(~same).flatten().tolist():
         only_t = set(t_idx[row].tolist()) - set(f_idx[row].tolist())
         only_f = set(f_idx[row].tolist()) - set(t_idx[row].tolist())
-        # Both sides' extra members must score exactly the k-th similarity.
-        sims_t = {float(queries[row] @ bank[i]) for i in only_t}
-        sims_f = {float(queries[row] @ bank[i]) for i in only_f}
+        # Every member that only one side returned must score (to fp32 rounding) the k-th similarity.
         kth = float(t_sims[row, -1])
-        assert sims_t | sims_f <= {kth} or (sims_t == sims_f and len(sims_t) == 1), (
+        extra = [float(queries[row] @ bank[i]) for i in only_t | only_f]
+        assert all(abs(sim - kth) <= 1e-6 for sim in extra), (
             f"query {row}: torch and faiss neighbours differ beyond a tie: {sorted(only_t)} vs {sorted(only_f)}"
         )
         tie_rows += 1
@@ -87,7 +86,7 @@ def main() -> None:
     med_t, med_f = sorted(times["torch"])[len(times["torch"]) // 2], sorted(times["faiss"])[len(times["faiss"]) // 2]
     print(f"torch best {best_t:.2f} s (median {med_t:.2f} s); faiss best {best_f:.2f} s (median {med_f:.2f} s)")
     print(f"ratio torch/faiss: best {best_t / best_f:.2f}x, median {med_t / med_f:.2f}x (target <= 1.10x)")
-    print(f"neighbours: {identical}/{args.queries} queries identical, {ties} differ only by exact similarity ties")
+    print(f"neighbours: {identical}/{args.queries} queries identical, {ties} differ only by a similarity tie at rank k")
 
 
 if __name__ == "__main__":

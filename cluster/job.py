@@ -166,6 +166,10 @@ class EntryJob(submitit.helpers.Checkpointable):
         code = result if isinstance(result, int) and not isinstance(result, bool) else 0
 
         if code == 0:
+            # The work is done: a late preemption / time-limit warning must not requeue it, nor kill the process
+            # while it exits (Python resets handlers it installed to the default action, "terminate", during
+            # interpreter shutdown, and Slurm would then mark a completed job FAILED). SIG_IGN survives shutdown.
+            signal.signal(usr_sig, signal.SIG_IGN)
             if dist.rank == 0:
                 self._record("finished", job_env, dist, exit_code=0)
             return {"entry": self.entry, "rank": dist.rank, "world_size": dist.world_size, "exit_code": 0,

@@ -189,7 +189,7 @@ class LaunchPlan:
 def prepare(argv: list[str]) -> LaunchPlan:
     """Parse and validate a launch request (config included); writes nothing."""
     launcher_argv, entry_tail = split_entry_args(argv)
-    args = build_parser().parse_args(launcher_argv)
+    args = build_parser().parse_intermixed_args(launcher_argv)
     run_dir = Path(args.output_dir).absolute()
     world_size = args.nodes * args.gpus_per_node
     cfg_yaml = None

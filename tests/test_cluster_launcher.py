@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from unittest.mock import patch
 
@@ -177,12 +178,14 @@ def test_explicit_defaults() -> None:
 
 
 def test_cpu_cluster_requests_no_gpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = submit_cli.main(["--config", str(DEMO_RECIPE), "--output-dir", str(tmp_path / "r"), "--nodes", "2",
-                          "--gpus-per-node", "2", "--cpu", "--dry-run", *SHORT])
+    # overrides may sit between launcher options
+    rc = submit_cli.main(["--config", str(DEMO_RECIPE), *SHORT[:1], "--output-dir", str(tmp_path / "r"), "--nodes",
+                          "2", "--gpus-per-node", "2", *SHORT[1:], "--cpu", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "#SBATCH --ntasks-per-node=2" in out and "gpus" not in _sbatch_part(out)
     assert "#SBATCH --cpus-per-task=2" in out  # data.num_workers (1) + 1
+    assert "export OMP_NUM_THREADS=1" in out  # the CPUs the loader workers leave to the training process
 
 
 # ------------------------------------------------------------------------------------- validation on login node
@@ -320,3 +323,99 @@ def test_requeue_contract_with_submitit_signal_handler(tmp_path: Path, fast_forw
     assert [(e["event"], e["resume_step"], e["requeues"]) for e in events] == [
         ("checkpoint", 7, 1), ("checkpoint", 12, 2), ("checkpoint", 12, 3)]
     assert all(e["job_id"] == job.job_id for e in events)
+
+
+# ----------------------------------------------------------------------------- the job callable, in process
+@pytest.fixture()
+def submitted_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_dist_env: pytest.MonkeyPatch):
+    """An EntryJob submitted to a mocked Slurm, and this process dressed as its task 0 with submitit's real
+    signal handlers installed (what ``python -m submitit.core._submit`` does before calling the job)."""
+    run_dir = tmp_path / "run"
+    res = JobResources(nodes=1, tasks_per_node=1, use_gpus=False, timeout_min=60, max_num_timeout=2)
+    with mocked_slurm():
+        ex = make_executor(res, run_dir, REPO, local=False)
+        job = ex.submit(EntryJob("train", ["--config", "c.yaml", "--output-dir", str(run_dir)], run_dir, REPO,
+                                 jobs_root(run_dir, local=False)))
+    _fake_slurm_task(monkeypatch, node=0, local=0, tasks_per_node=1, nodelist="node1", num_nodes=1,
+                     job_id=job.job_id)
+    monkeypatch.setenv("SUBMITIT_FOLDER", str(job.paths.folder))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
+    delayed = DelayedSubmission.load(job.paths.submitted_pickle)
+    SlurmJobEnvironment()._handle_signals(job.paths, delayed)
+    yield job, delayed, run_dir
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def _entry_returning(monkeypatch: pytest.MonkeyPatch, value: object, calls: list[list[str]]) -> None:
+    def main(argv: list[str]) -> object:
+        calls.append(list(argv))
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    monkeypatch.setattr("cluster.job.load_entry", lambda entry, root: (main, 75))
+
+
+def test_job_success_returns_result_and_ignores_late_signals(submitted_job, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, delayed, run_dir = submitted_job
+    calls: list[list[str]] = []
+    _entry_returning(monkeypatch, 0, calls)
+    result = delayed.result()
+    assert calls == [["--config", "c.yaml", "--output-dir", str(run_dir)]]
+    assert result["exit_code"] == 0 and result["rank"] == 0 and result["job_id"] == job.job_id
+    assert os.environ["WORLD_SIZE"] == "1" and os.environ["MASTER_ADDR"] == "node1"
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    events = [json.loads(x) for x in (run_dir / "slurm" / EVENTS_FILENAME).read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "finished"]
+
+
+def test_job_requeues_through_submitit_when_the_trainer_saved(submitted_job, monkeypatch: pytest.MonkeyPatch) -> None:
+    job, delayed, run_dir = submitted_job
+    _save(run_dir, 5)  # what the trainer wrote before returning the requeue code
+    _entry_returning(monkeypatch, 75, [])
+    with patch.object(SlurmJobEnvironment, "_requeue") as requeue, pytest.raises(SystemExit):
+        delayed.result()
+    requeue.assert_called_once_with(2)  # a preemption at minute 0 of 60 keeps the time-out budget
+    nxt = DelayedSubmission.load(job.paths.submitted_pickle)
+    assert (nxt.function.resume_step, nxt.function.requeues, nxt._timeout_countdown) == (5, 1, 2)
+
+
+@pytest.mark.parametrize("outcome, message", [(3, "exited with code 3"), (SystemExit(2), "exited with code 2")])
+def test_job_failure_is_reported(submitted_job, monkeypatch: pytest.MonkeyPatch, outcome: object,
+                                 message: str) -> None:
+    job, delayed, run_dir = submitted_job
+    _entry_returning(monkeypatch, outcome, [])
+    with patch.object(SlurmJobEnvironment, "_requeue") as requeue, pytest.raises(RuntimeError, match=message):
+        delayed.result()
+    requeue.assert_not_called()
+    events = [json.loads(x) for x in (run_dir / "slurm" / EVENTS_FILENAME).read_text().splitlines()]
+    assert events[-1]["event"] == "failed"
+
+
+@pytest.mark.parametrize("cluster, touched, expected", [
+    ("slurm", "submitted", 0), ("local", "submitted", 144), ("slurm", "result", RuntimeError)])
+def test_other_ranks_follow_rank0_decision(tmp_path: Path, cluster: str, touched: str, expected: object) -> None:
+    import threading
+    import types
+
+    submitted, result = tmp_path / "7_submitted.pkl", tmp_path / "7_0_result.pkl"
+    submitted.write_bytes(b"first")
+    before = submitted.stat().st_mtime_ns
+    job = EntryJob("train", [], tmp_path, REPO, tmp_path)
+    env = types.SimpleNamespace(cluster=cluster, job_id="7")
+
+    def rank0_decides() -> None:
+        time.sleep(0.3)
+        target = submitted if touched == "submitted" else result
+        target.write_bytes(b"decision")
+        os.utime(target, ns=(before + 10**9, before + 10**9))
+
+    threading.Thread(target=rank0_decides).start()
+    if expected is RuntimeError:
+        with pytest.raises(RuntimeError, match="did not requeue"):
+            job._follow_rank0(env, submitted, before, result, None)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            job._follow_rank0(env, submitted, before, result, None)
+        assert exc.value.code == expected

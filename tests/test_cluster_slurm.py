@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,32 @@ def _assert_completed(slurm: SlurmCluster, run: dict[str, Any], timeout_s: float
     return info
 
 
+def _signal_masks(job_id: str) -> dict[str, list[tuple[int, int, int]]]:
+    """``{"tasks": [(pid, caught, ignored)], "workers": [...]}`` for this job's Python processes (all "nodes" share
+    this machine): tasks are children of slurmstepd, DataLoader workers are children of a task. ``caught`` and
+    ``ignored`` are the SigCgt / SigIgn bit masks of /proc/PID/status."""
+    procs: dict[int, dict[str, Any]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+            status = dict(line.split(":\t", 1) for line in (entry / "status").read_text().splitlines()
+                          if ":\t" in line)
+        except (OSError, ValueError):
+            continue
+        # srun's command line names the same module; only Python processes count
+        if (f"SLURM_JOB_ID={job_id}".encode() in environ and b"submitit.core._submit" in cmdline
+                and status["Name"] != "srun"):
+            procs[int(entry.name)] = {"ppid": int(status["PPid"]), "caught": int(status["SigCgt"], 16),
+                                      "ignored": int(status["SigIgn"], 16)}
+    tasks = [p for p, v in procs.items() if v["ppid"] not in procs]
+    workers = [p for p, v in procs.items() if v["ppid"] in procs]
+    row = lambda p: (p, procs[p]["caught"], procs[p]["ignored"])  # noqa: E731
+    return {"tasks": [row(p) for p in tasks], "workers": [row(p) for p in workers]}
+
+
 def _payload(run_dir: Path, step: int) -> dict[str, Any]:
     folder = run_dir / "checkpoints" / f"step_{step:08d}"
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -248,6 +275,13 @@ def test_preempted_two_node_run_resumes_bitwise(slurm: SlurmCluster, runs: dict[
         assert time.monotonic() < deadline, f"no progress:\n{slurm.job_info(run['job_id'])}"
         assert slurm.job_info(run["job_id"]).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
+    # Slurm signals every process of the step: the training processes handle USR2 (the trainer's flag), their
+    # DataLoader workers ignore it (otherwise they would die and take their rank down before it saves)
+    usr2 = 1 << (signal.SIGUSR2 - 1)
+    masks = _signal_masks(run["job_id"])
+    assert len(masks["tasks"]) == 2 and len(masks["workers"]) >= 2, masks
+    assert all(caught & usr2 for _, caught, _ in masks["tasks"]), masks
+    assert all(ignored & usr2 for _, _, ignored in masks["workers"]), masks
     step_at_signal = _last_step(run["run_dir"])
     slurm.run("scancel", "--signal=USR2", run["job_id"])
     info = _assert_completed(slurm, run, 300)

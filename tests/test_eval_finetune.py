@@ -88,6 +88,27 @@ def test_layer_decay_scales_seen_by_optimizer(step):
     assert seen_scales == {round(0.6**k, 12) for k in range(4)}  # stem, pair 0, pair 1, head
 
 
+def test_pretrained_backbone_is_copied_and_head_is_fresh(tmp_path):
+    from test_eval_knn_cli import export_random_vil
+
+    from ssl_vil.export import load_pretrained_backbone
+
+    weights = export_random_vil(tmp_path / "export", seed=3)
+    backbone, _ = load_pretrained_backbone(weights)
+    for img_size in (32, 48):  # the pretraining size, and a larger fine-tuning size (pos_embed resized)
+        cfg = load_finetune_config(RECIPE, [f"model.weights={weights}", f"data.img_size={img_size}"])
+        model, info = ft.build_model(cfg, num_classes=7)
+        assert info["model"] == "vil2_tiny_patch16_224" and model.head.out_features == 7
+        state, pretrained = model.state_dict(), backbone.state_dict()
+        assert set(state) - set(pretrained) == {"head.weight", "head.bias"}
+        for key, value in pretrained.items():
+            if key == "pos_embed.embed":
+                assert state[key].shape == (1, img_size // 4, img_size // 4, 64)
+            else:
+                assert torch.equal(state[key], value), key
+        assert model.blocks[1].rowwise_from_top_left.drop_path.drop_prob == cfg.model.drop_path_rate == 0.05
+
+
 def test_config_errors_name_the_key():
     named = ["model.name=vil2_tiny_patch16_224"]
     with pytest.raises(ConfigError, match="optim.lrr: unknown key; did you mean optim.lr"):
@@ -177,3 +198,46 @@ def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
     run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     assert ref_state.keys() == run_state.keys()
     assert all(torch.equal(ref_state[k], run_state[k]) for k in ref_state)
+
+
+def test_imagefolder_train_stream_is_exactly_once_and_resumes(tmp_path):
+    from test_eval_knn_cli import _image_folder_from_digits
+    from timm.data import create_transform
+
+    from ssl_vil.evaluation.train_inputs import open_train_stream
+
+    _image_folder_from_digits(tmp_path, n_train=100, n_val=0)
+    root = str(tmp_path / "train")
+    transform = create_transform(16, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.5,
+                                 interpolation="bicubic")
+
+    def stream(rank: int, world: int = 2):
+        return open_train_stream(root, transform=transform, batch_size=8, seed=5, rank=rank, world_size=world,
+                                 num_workers=0)
+
+    ranks = [stream(0), stream(1)]
+    assert ranks[0].batches_per_epoch == 100 // 16
+    epoch0 = [list(s) for s in ranks]  # one epoch each
+    keys = [k for batches in epoch0 for b in batches for k in b["keys"]]
+    assert len(keys) == len(set(keys)) == 6 * 16  # every sample at most once; the ragged tail is dropped
+    assert ranks[0].epoch == 1 and ranks[0].batches_consumed == 0
+    epoch1_keys = [k for b in ranks[0] for k in b["keys"]]
+    assert epoch1_keys != [k for b in epoch0[0] for k in b["keys"]]  # a new order every epoch
+
+    # Resume after 3 batches of epoch 0 in a fresh stream (another "process"): the same keys and the same
+    # augmented pixels as an uninterrupted pass.
+    interrupted = stream(1)
+    it = iter(interrupted)
+    for _ in range(3):
+        next(it)
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["batches_consumed"]) == (0, 3)
+    resumed = stream(1)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert [b["batch_in_epoch"] for b in rest] == [3, 4, 5]
+    for got, want in zip(rest, epoch0[1][3:]):
+        assert got["keys"] == want["keys"]
+        assert torch.equal(got["views"], want["views"]) and torch.equal(got["labels"], want["labels"])
+    with pytest.raises(ValueError, match="global_batch_size"):
+        stream(0, world=1).load_state_dict(state)

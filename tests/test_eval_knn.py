@@ -125,7 +125,7 @@ def _free_port() -> int:
 _SPLITS = {"train": (290, 10), "query": (13, 37)}
 
 
-def _distributed_worker(rank: int, world: int, port: int, backend: str, out: dict) -> None:
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -137,34 +137,35 @@ def _distributed_worker(rank: int, world: int, port: int, backend: str, out: dic
         q0 = sum(_SPLITS["query"][:rank])
         t_sl = slice(t0, t0 + _SPLITS["train"][rank])
         q_sl = slice(q0, q0 + _SPLITS["query"][rank])
-        nb = knn.find_neighbours(query[q_sl], train[t_sl], tlab[t_sl], 20, backend=backend)
-        res = knn.knn_classify(query[q_sl], qlab[q_sl], train[t_sl], tlab[t_sl], [1, 20, 200], backend=backend)
-        out[rank] = (nb.sims, nb.labels, res)
+        out = {}
+        for backend in knn.BACKENDS:
+            nb = knn.find_neighbours(query[q_sl], train[t_sl], tlab[t_sl], 20, backend=backend)
+            res = knn.knn_classify(query[q_sl], qlab[q_sl], train[t_sl], tlab[t_sl], [1, 20, 200], backend=backend)
+            out[backend] = (nb.sims, nb.labels, [(r.k, r.k_effective, r.top1_correct, r.top5_correct, r.total)
+                                                 for r in res])
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["torch", "faiss"])
-def test_distributed_equals_single_process(backend):
-    if backend == "faiss":
-        pytest.importorskip("faiss")
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_distributed_worker, args=(2, _free_port(), backend, out), nprocs=2, join=True,
-                           start_method="spawn")
-        out = dict(out)
+def test_distributed_equals_single_process(tmp_path):
+    pytest.importorskip("faiss")
+    mp.start_processes(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     query, qlab, train, tlab = _random_problem(21, 300, 50, 16, 6)
-    single = knn.find_neighbours(query, train, tlab, 20, backend=backend)
-    single_res = knn.knn_classify(query, qlab, train, tlab, [1, 20, 200], backend=backend)
-    sims = torch.cat([out[0][0], out[1][0]])
-    labels = torch.cat([out[0][1], out[1][1]])
-    torch.testing.assert_close(sims, single.sims, rtol=0, atol=1e-6)
-    assert torch.equal(labels, single.labels)
-    # Counts are all-reduced, so both ranks report the global figures.
-    assert out[0][2] == out[1][2] == single_res
-    assert single_res[2].k_effective == 200 and single_res[0].total == 50
+    for backend in knn.BACKENDS:
+        single = knn.find_neighbours(query, train, tlab, 20, backend=backend)
+        single_res = [(r.k, r.k_effective, r.top1_correct, r.top5_correct, r.total)
+                      for r in knn.knn_classify(query, qlab, train, tlab, [1, 20, 200], backend=backend)]
+        sims = torch.cat([out[0][backend][0], out[1][backend][0]])
+        labels = torch.cat([out[0][backend][1], out[1][backend][1]])
+        torch.testing.assert_close(sims, single.sims, rtol=0, atol=1e-6)
+        assert torch.equal(labels, single.labels), backend
+        # Counts are all-reduced, so both ranks report the global figures.
+        assert out[0][backend][2] == out[1][backend][2] == single_res, backend
+        assert single_res[2][1] == 200 and single_res[0][4] == 50
 
 
 def test_feature_extraction_rejects_a_sample_read_twice():

@@ -4,6 +4,7 @@ process, and a pretraining run dir == its exported backbone."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -166,3 +167,31 @@ def test_run_dir_and_its_export_give_the_same_numbers(digits_shards, small_digit
     # A trained teacher, not a random init: its numbers differ from a fresh random model's.
     by_random = main(["--weights", str(export_random_vil(tmp_path / "random")), *common])
     assert by_random["results"] != by_run["results"]
+
+
+def test_unreadable_val_record_is_skipped_and_reported(small_digits, tmp_path):
+    import shutil
+    import tarfile
+
+    from ssl_vil.evaluation.knn_cli import main
+
+    torch.set_num_threads(1)
+    _, shards = small_digits
+    broken = tmp_path / "shards"
+    shutil.copytree(shards, broken)
+    first_val = sorted(broken.glob("*-val-000000.tar"))[0]
+    members = []
+    with tarfile.open(first_val) as tar:
+        for m in tar.getmembers():
+            members.append((m, tar.extractfile(m).read()))
+    victim = next(m.name for m, _ in members if m.name.endswith(".png"))
+    with tarfile.open(first_val, "w") as tar:
+        for m, data in members:
+            if m.name == victim:
+                data = b"this is not a png"
+                m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    weights = export_random_vil(tmp_path / "export")
+    res = main(["--weights", str(weights), "--train-data", str(broken), "--val-data", str(broken), "--k", "5",
+                "--num-workers", "0", "--batch-size", "32"])
+    assert res["n_val"] == 69 and res["skipped_unreadable"] == {"train": 0, "val": 1}

@@ -43,7 +43,7 @@ def tiny_overrides(shards: Path, *, total_steps: int = 40, batch: int = 8, objec
         f"data.train={shards}", f"objective.name={objective}", "objective.dino_head.out_dim=256",
         "objective.dino_head.hidden_dim=128", "objective.dino_head.bottleneck_dim=32",
         "objective.ibot_head.out_dim=256", "objective.ibot_head.hidden_dim=128", "objective.ibot_head.bottleneck_dim=32",
-        "data.augment.n_local=2", f"data.num_workers={workers}", "data.shuffle_buffer_samples=16",
+        "data.augment.n_local=2", f"data.num_workers={workers}", "data.shuffle_window_samples=16",
         f"optim.global_batch_size={batch}", f"schedule.total_steps={total_steps}", "schedule.warmup_steps=4",
         "schedule.freeze_last_layer_steps=2", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
         "logging.log_every_steps=10", "logging.keys_log=true", "logging.tensorboard=false",

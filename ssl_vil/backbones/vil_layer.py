@@ -55,8 +55,9 @@ class GridConv2d(nn.Conv2d):
         height, width = grid
         if height * width != seqlen:
             raise ValueError(f"token grid {height}x{width} does not match sequence length {seqlen}")
-        x = x.transpose(1, 2).reshape(batch, channels, height, width)
-        return super().forward(x).flatten(2).transpose(1, 2)
+        # (B, h, w, C) permuted to NCHW is a channels-last tensor: the conv runs without layout copies.
+        x = x.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+        return super().forward(x).permute(0, 2, 3, 1).reshape(batch, seqlen, channels)
 
 
 class CausalConv1d(nn.Module):
@@ -148,7 +149,10 @@ class ViLLayer(nn.Module):
         if self.flip:
             # Reversing a row-major sequence rotates the grid by 180 degrees; the grid shape is unchanged.
             x = x.flip(dims=[1])
-        x_mlstm, z = self.proj_up(x).chunk(2, dim=-1)
+        # Two GEMMs on the halves of proj_up give contiguous x_mlstm and z (no strided copies downstream).
+        weight_m, weight_z = self.proj_up.weight.chunk(2, dim=0)
+        bias_m, bias_z = self.proj_up.bias.chunk(2) if self.proj_up.bias is not None else (None, None)
+        x_mlstm, z = F.linear(x, weight_m, bias_m), F.linear(x, weight_z, bias_z)
         conv = self.conv if self.conv_kind == "2d" else self.conv1d
         conv_act = F.silu(conv(x_mlstm, grid))
         q = self.q_proj(conv_act)

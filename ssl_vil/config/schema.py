@@ -86,7 +86,7 @@ class DataConfig:
     mode: Literal["epoch", "resampled"] = "epoch"
     samples_per_epoch: int | None = None  # None: read from the shard manifest
     num_workers: int = 8
-    shuffle_buffer_samples: int = 5000
+    shuffle_window_samples: int = 64  # raw-record shuffle window per batch slot (memory ~ batch × window)
     error_budget_fraction: float = 0.01
     max_image_pixels: int = 89_478_485  # PIL's decompression-bomb threshold
     allow_pipe: bool = False

@@ -47,29 +47,34 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict[
     """Classifier with ``num_classes`` outputs and drop path, initialised from ``cfg.model.weights`` (or random).
 
     Returns (model, info) with info = model.json-style ``{"model", "kwargs", "img_size", "mean", "std", ...}``.
-    The pretrained backbone is loaded by :func:`ssl_vil.export.load_pretrained_backbone` (any weights format)
-    and copied into a fresh model; only the classifier (``head.*``) may be missing from it.
+    The pretrained backbone is read by :func:`ssl_vil.export.load_pretrained_backbone` (any weights format) and
+    copied into a fresh model built at ``data.img_size`` (position embedding resized by
+    :func:`ssl_vil.backbones.load_backbone_weights`); only the classifier keeps its fresh initialisation.
     """
     import timm
 
     import ssl_vil  # noqa: F401  (registers the ViL models with timm)
+    from ssl_vil.backbones import load_backbone_weights
 
     m = cfg.model
     if m.weights is not None:
         from ssl_vil.export import load_pretrained_backbone
 
         backbone, info = load_pretrained_backbone(m.weights, m.name, **m.kwargs)
+        kwargs = dict(info["kwargs"])
+        if cfg.data.img_size is not None:
+            kwargs["img_size"] = cfg.data.img_size
         model = timm.create_model(info["model"], pretrained=False, num_classes=num_classes,
-                                  drop_path_rate=m.drop_path_rate, **info["kwargs"])
-        missing, unexpected = model.load_state_dict(backbone.state_dict(), strict=False)
-        not_head = [k for k in missing if not k.startswith("head.")]
-        if not_head or unexpected:
-            raise RuntimeError(f"pretrained backbone does not fit {info['model']}: missing {not_head}, "
-                               f"unexpected {list(unexpected)}")
+                                  drop_path_rate=m.drop_path_rate, **kwargs)
+        # Strict apart from the classifier side (head, pre-head norm), which keeps its fresh init.
+        load_backbone_weights(model, backbone.state_dict())
         del backbone
     else:
+        kwargs = dict(m.kwargs)
+        if cfg.data.img_size is not None:
+            kwargs["img_size"] = cfg.data.img_size
         model = timm.create_model(m.name, pretrained=False, num_classes=num_classes,
-                                  drop_path_rate=m.drop_path_rate, **m.kwargs)
+                                  drop_path_rate=m.drop_path_rate, **kwargs)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
         info = {"model": m.name, "kwargs": dict(m.kwargs), "source": None,
                 "img_size": m.kwargs.get("img_size", pcfg.get("input_size", (3, 224, 224))[-1]),
@@ -167,8 +172,14 @@ class TrainLog:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed process
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -183,17 +194,9 @@ def read_train_log(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def lr_of_groups(optimizer: torch.optim.Optimizer) -> list[float]:
-    return [float(g["lr"]) for g in optimizer.param_groups]
-
-
 def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
     """lr of the un-decayed groups (lr_scale 1: head) = the scheduler's current value."""
     return max(float(g["lr"]) / float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
-
-
-def is_finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all())
 
 
 def total_steps_of(cfg: FinetuneConfig, steps_per_epoch: int) -> int:

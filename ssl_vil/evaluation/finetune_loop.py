@@ -147,7 +147,7 @@ class _Run:
             x, y = self.mixup(x, y)
         with ft.autocast_context(self.device, cfg.train.precision):
             loss = self.criterion(self.train_model(x), y)
-        if not ft.is_finite(loss):
+        if not torch.isfinite(loss).all():
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} "
                                      f"(epoch {batch['epoch']}, batch {batch['batch_in_epoch']})")
         self.optimizer.zero_grad(set_to_none=True)

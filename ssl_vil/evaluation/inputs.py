@@ -69,12 +69,17 @@ def _collate(items: list[tuple[torch.Tensor, int, str]]) -> dict[str, Any]:
 
 @dataclass
 class EvalSource:
-    """One split to evaluate: ``batches()`` yields this rank's share; sizes are global when known."""
+    """One split to evaluate: ``batches()`` yields this rank's share; sizes are global when known.
+
+    ``error_totals()``: this rank's counts of unreadable records skipped so far (shards; empty for ImageFolder,
+    where an unreadable image raises).
+    """
 
     description: str
     num_samples: int | None
     classes: list[str]
     _make: Callable[[], Iterable[dict[str, Any]]]
+    error_totals: Callable[[], dict[str, int]] = dict
 
     def batches(self) -> Iterator[dict[str, Any]]:
         yield from self._make()
@@ -133,4 +138,4 @@ def _shard_source(source, transform, batch_size, rank, world_size, num_workers, 
     stream = build_eval_stream(source, batch_size=batch_size, rank=rank, world_size=world_size, transform=transform,
                                num_workers=num_workers, split=split)
     return EvalSource(f"shards {source}" + (f" [{split}]" if split else ""), stream.shards.num_samples,
-                      list(stream.classes), lambda: stream)
+                      list(stream.classes), lambda: stream, lambda: dict(stream.error_totals))

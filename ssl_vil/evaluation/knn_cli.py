@@ -34,7 +34,8 @@ RESULTS_FILE = "results_knn.json"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/knn.py", description="k-NN evaluation of a pretrained ViL backbone")
-    p.add_argument("--weights", required=True, help="run dir | checkpoint folder | exported .safetensors | weights file")
+    p.add_argument("--weights", required=True,
+                   help="run dir | checkpoint folder | exported .safetensors | weights file")
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
     p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
     p.add_argument("--val-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretraining size")
     p.add_argument("--crop-pct", type=float, default=None,
-                   help=f"center-crop fraction (resize = img_size / crop_pct); default: model info or {DEFAULT_CROP_PCT}")
+                   help="center-crop fraction (resize = img_size / crop_pct); "
+                        f"default: model info or {DEFAULT_CROP_PCT}")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--output-dir", default=None, help=f"writes {RESULTS_FILE} there (rank 0)")
     return p
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     sets: dict[str, feats.FeatureSet] = {}
     sizes: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     times: dict[str, float] = {"load_s": t_loaded - t_start}
-    for split, data, split_name in (("train", args.train_data, args.train_split), ("val", args.val_data, args.val_split)):
+    splits = (("train", args.train_data, args.train_split), ("val", args.val_data, args.val_split))
+    for split, data, split_name in splits:
         split_name = split_name or default_split(data, split)
         source = open_eval_source(data, transform=transform, batch_size=args.batch_size, rank=dist.rank,
                                   world_size=dist.world_size, num_workers=args.num_workers, split=split_name)
@@ -102,9 +106,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         sets[split] = feats.extract(source.batches(), feature_fn, device=dist.device, progress=progress,
                                     normalize=True)
         sizes[split] = feats.check_disjoint_across_ranks(sets[split].keys, split)
-        if source.num_samples is not None and sizes[split] != source.num_samples:
-            raise RuntimeError(f"{split}: read {sizes[split]} samples but {source.description} holds "
-                               f"{source.num_samples}; every sample must be used exactly once")
+        skipped[split] = _check_count(split, source, sizes[split], dist.device)
         times[f"{split}_features_s"] = time.perf_counter() - t0
     if sizes["train"] == 0 or sizes["val"] == 0:
         raise RuntimeError(f"empty split: {sizes['train']} train and {sizes['val']} val samples")
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "train_data": args.train_data, "val_data": args.val_data,
         "n_train": sizes["train"], "n_val": sizes["val"],
+        "skipped_unreadable": skipped,
         "temperature": args.temperature, "backend": args.backend, "world_size": dist.world_size,
         "device": str(dist.device),
         "results": [
@@ -154,6 +157,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(summary, flush=True)
     barrier()
     return results
+
+
+def _check_count(split: str, source: Any, read: int, device: torch.device) -> int:
+    """Samples the data layer skipped as unreadable (logged); raises if the count is off for any other reason."""
+    if source.num_samples is None:
+        return 0
+    issues = torch.tensor([sum(source.error_totals().values())], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(issues)
+    missing = source.num_samples - read
+    if missing == 0:
+        return 0
+    if 0 < missing <= int(issues.item()):
+        logger.warning("%s: %d of %d samples were unreadable and skipped (see the data warnings above)", split,
+                       missing, source.num_samples)
+        return missing
+    raise RuntimeError(f"{split}: read {read} samples but {source.description} holds {source.num_samples}; "
+                       "every sample must be used exactly once")
 
 
 def _feature_dim(sets: dict[str, feats.FeatureSet], device: torch.device) -> int:

@@ -43,7 +43,9 @@ class HeadSpec:
 
 
 def make_grid(
-    lrs: Sequence[float] = DEFAULT_LRS, block_counts: Sequence[int] = (1, 4), avg_options: Sequence[bool] = (False, True)
+    lrs: Sequence[float] = DEFAULT_LRS,
+    block_counts: Sequence[int] = (1, 4),
+    avg_options: Sequence[bool] = (False, True),
 ) -> list[HeadSpec]:
     """The cross product of the options, in a fixed order (used for tie-breaking in :func:`select_head`)."""
     if not lrs or not block_counts or not avg_options:

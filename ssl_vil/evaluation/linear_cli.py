@@ -41,7 +41,8 @@ RESULTS_FILE = "results_linear.json"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/linear.py", description="Linear-probe grid of a pretrained ViL backbone")
-    p.add_argument("--weights", required=True, help="run dir | checkpoint folder | exported .safetensors | weights file")
+    p.add_argument("--weights", required=True,
+                   help="run dir | checkpoint folder | exported .safetensors | weights file")
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
     p.add_argument("--train-data", required=True)
     p.add_argument("--val-data", required=True)
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on un-augmented features extracted once (fast on CPU) instead of augmented images")
     p.add_argument("--num-workers", type=int, default=4)
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-pct", type=float, default=None, help=f"eval center-crop fraction (default {DEFAULT_CROP_PCT})")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help=f"eval center-crop fraction (default {DEFAULT_CROP_PCT})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--output-dir", default=None)

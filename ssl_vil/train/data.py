@@ -30,7 +30,7 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
         d.train, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
         world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,
         samples_per_epoch=d.samples_per_epoch, error_budget_fraction=d.error_budget_fraction,
-        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_buffer_samples)
+        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_window_samples)
 
 
 def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_vil.checkpoint import CheckpointManager, capture_rng_state, config_hash, restore_rng_state
 from ssl_vil.config import RunConfig, to_dict
-from ssl_vil.dist import DistInfo, barrier, is_distributed
+from ssl_vil.data.errors import DataErrorBudgetExceeded
+from ssl_vil.dist import DistInfo, all_reduce_, barrier, is_distributed
 from ssl_vil.export import export_run
 from ssl_vil.faults import maybe_kill
 from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
@@ -130,7 +132,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
             while step < d.total_steps:
                 watchdog.beat(step)
                 maybe_inject_sleep(step, dist.rank)
-                micro = [_to_device(next(it), dist.device) for _ in range(accum)]
+                micro = _next_micro_batches(it, accum, dist)
                 timer.data_ready()
                 metrics = train_step(comp, micro, step)
                 step += 1
@@ -167,6 +169,23 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         export_run(run_dir, step)
     barrier()
     return 0
+
+
+def _next_micro_batches(it: Iterator[dict[str, Any]], n: int, dist: DistInfo) -> list[dict[str, Any]]:
+    """The step's micro-batches; a blown data error budget on any rank stops every rank here, before the step's
+    collectives (a rank that raised alone would leave the others waiting in DDP's all-reduce)."""
+    error: DataErrorBudgetExceeded | None = None
+    try:
+        micro = [_to_device(next(it), dist.device) for _ in range(n)]
+    except DataErrorBudgetExceeded as e:
+        error, micro = e, []
+    if is_distributed():
+        failed = all_reduce_(torch.tensor([error is not None], dtype=torch.int32, device=dist.device), "max")
+        if failed.item() and error is None:
+            error = DataErrorBudgetExceeded("another rank exceeded the data error budget; its log names the shards")
+    if error is not None:
+        raise error
+    return micro
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
