@@ -72,7 +72,8 @@ class JobResources:
         need(self.max_num_timeout >= 0, "--max-num-timeout", self.max_num_timeout, "a non-negative integer")
         need(self.cpus_per_task is None or self.cpus_per_task >= 1, "--cpus-per-task", self.cpus_per_task,
              "a positive integer")
-        need(self.mem_gb is None or self.mem_gb >= 0, "--mem-gb", self.mem_gb, "a non-negative integer (0 = whole node)")
+        need(self.mem_gb is None or self.mem_gb >= 0, "--mem-gb", self.mem_gb,
+             "a non-negative integer (0 = whole node)")
         need(self.omp_threads is None or self.omp_threads >= 1, "OMP_NUM_THREADS", self.omp_threads,
              "a positive integer")
         need(bool(self.job_name) and not any(c.isspace() for c in self.job_name), "--job-name", self.job_name,

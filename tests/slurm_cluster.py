@@ -37,11 +37,11 @@ def missing_binaries() -> list[str]:
 
 def ensure_slurm_installed() -> float:
     """Install the Slurm packages when missing (root + apt-get only); returns the seconds it took (0 if present)."""
+    if not CLUSTER_SCRIPT.is_file():
+        raise SlurmUnavailable(f"{CLUSTER_SCRIPT} not found (the shared Slurm scripts live next to the repository)")
     missing = missing_binaries()
     if not missing:
         return 0.0
-    if not CLUSTER_SCRIPT.is_file():
-        raise SlurmUnavailable(f"{CLUSTER_SCRIPT} not found")
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         raise SlurmUnavailable(f"Slurm binaries missing ({', '.join(missing)}); installing them needs root and "
                                f"apt-get: run `{CLUSTER_SCRIPT} install`")

@@ -10,7 +10,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
+import types
 from pathlib import Path
 from unittest.mock import patch
 
@@ -244,10 +246,8 @@ def test_submit_freezes_the_validated_config(tmp_path: Path, capsys: pytest.Capt
 @pytest.fixture()
 def fast_forward_clock(monkeypatch: pytest.MonkeyPatch):
     """Mocked wall clock, as in submitit's own tests: fast_forward(minutes) moves time.time() ahead."""
-    import time as time_module
-
-    now = [time_module.time()]
-    monkeypatch.setattr(time_module, "time", lambda: now[0])
+    now = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: now[0])
 
     def fast_forward(minutes: float) -> None:
         now[0] += minutes * 60
@@ -396,9 +396,6 @@ def test_job_failure_is_reported(submitted_job, monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.parametrize("cluster, touched, expected", [
     ("slurm", "submitted", 0), ("local", "submitted", 144), ("slurm", "result", RuntimeError)])
 def test_other_ranks_follow_rank0_decision(tmp_path: Path, cluster: str, touched: str, expected: object) -> None:
-    import threading
-    import types
-
     submitted, result = tmp_path / "7_submitted.pkl", tmp_path / "7_0_result.pkl"
     submitted.write_bytes(b"first")
     before = submitted.stat().st_mtime_ns

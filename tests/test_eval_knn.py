@@ -178,3 +178,17 @@ def test_feature_extraction_rejects_a_sample_read_twice():
     out = features.extract(batches[:1], lambda x: x + 1.0, device=torch.device("cpu"), normalize=True)
     assert out.keys == ["a", "b"] and torch.equal(out.labels, torch.tensor([0, 1]))
     torch.testing.assert_close(out.features, torch.full((2, 3), 3 ** -0.5))
+
+
+def test_pooled_feature_specs():
+    from ssl_vil.evaluation import features
+
+    tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    cls = features.pooled_features(tokens, "cls")
+    assert torch.equal(cls, torch.cat([tokens[:, 0], tokens[:, -1]], dim=1))  # [CLS] = concat(first, last)
+    avg = features.pooled_features(tokens, "avg")
+    assert torch.equal(avg, tokens.mean(dim=1))
+    assert torch.equal(features.pooled_features(tokens, "cls+avg"), torch.cat([cls, avg], dim=1))
+    assert torch.equal(features.pooled_features(tokens, "cls", "bilateral_avg"), (tokens[:, 0] + tokens[:, -1]) / 2)
+    with pytest.raises(ValueError, match="unknown feature spec"):
+        features.pooled_features(tokens, "patch")
