@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_vil.checkpoint import CheckpointManager, capture_rng_state, config_hash, restore_rng_state
 from ssl_vil.config import RunConfig, to_dict
+from ssl_vil.data.error_tally import COUNTER_KEYS, reduce_error_counts
 from ssl_vil.data.errors import DataErrorBudgetExceeded
 from ssl_vil.dist import DistInfo, all_reduce_, barrier, is_distributed
 from ssl_vil.export import export_run
@@ -53,6 +54,17 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
+    """Train to ``derived.total_steps`` (resuming from the run dir); 0 when done, REQUEUE_EXIT_CODE if preempted."""
+    # Installed first: a signal during start-up is honoured at the first step boundary (save, exit to requeue).
+    preempt = PreemptionFlag()
+    preempt.install()
+    try:
+        return _run(cfg, run_dir, dist, preempt)
+    finally:
+        preempt.uninstall()
+
+
+def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> int:
     d = cfg.derived
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -111,10 +123,9 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
                           finite=finite, spike=spike, collapse=collapse, clip_grad_norm=cfg.optim.clip_grad_norm,
                           autocast=_autocast(cfg, dist.device), rank=dist.rank)
     objective.train()
-    preempt = PreemptionFlag()
     watchdog = HangWatchdog(g.watchdog_timeout_s, run_dir, dist.rank)
     timer = StepTimer()
-    data_errors: dict[str, int] = {}
+    data_errors = dict.fromkeys(COUNTER_KEYS, 0)  # this rank's bad-data counts since the start of this process
 
     def save(at_step: int) -> None:
         # Every rank gathers its RNG state: resuming on the same world size restores each rank's stream exactly.
@@ -125,46 +136,47 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
 
     it = batches_forever(stream)
     accum = cfg.optim.grad_accum_steps
-    with preempt:
-        watchdog.start()
-        timer.start()
-        try:
-            while step < d.total_steps:
-                watchdog.beat(step)
-                maybe_inject_sleep(step, dist.rank)
-                micro = _next_micro_batches(it, accum, dist)
-                timer.data_ready()
-                metrics = train_step(comp, micro, step)
-                step += 1
-                samples_seen += cfg.optim.global_batch_size
-                keys_log.write(step, [k for b in micro for k in b["keys"]])
-                maybe_kill("mid_step", step=step, rank=dist.rank)
-                timer.step_done(cfg.optim.global_batch_size)
-                for b in micro:
-                    for k, v in error_counts(b).items():
-                        data_errors[k] = data_errors.get(k, 0) + v
-                logger.log_step(step, samples_seen=samples_seen, epoch=stream.epoch,
-                                losses={k: metrics[k] for k in LOSS_TERMS},
-                                diagnostics={k: metrics[k] for k in DIAGNOSTICS + ("grad_norm",)},
-                                schedules={k: metrics[k] for k in ("lr", "weight_decay", "ema_momentum", "teacher_temp")},
-                                timing=timer.pop_window() if logger.should_log(step) else None,
-                                skipped=metrics["skipped"])
-                if metrics["skipped"]:
-                    logger.log_event("step_skipped", step=step, nonfinite=metrics["skip_nonfinite"],
-                                     spike=metrics["skip_spike"])
-                maybe_inject_signal(step, dist.rank)
-                stop = preempt.should_stop()  # all ranks agree (MAX all-reduce)
-                if stop or step % cfg.checkpoint.every_steps == 0 or step == d.total_steps:
-                    save(step)
-                    maybe_kill("after_checkpoint", step=step, rank=dist.rank)
-                    timer.start()
-                if stop:
-                    logger.log_event("preempted", step=step, exit_code=REQUEUE_EXIT_CODE)
-                    return REQUEUE_EXIT_CODE
-        finally:
-            watchdog.stop()
-            logger.close()
-            keys_log.close()
+    watchdog.start()
+    timer.start()
+    try:
+        while step < d.total_steps:
+            watchdog.beat(step)
+            maybe_inject_sleep(step, dist.rank)
+            micro = _next_micro_batches(it, accum, dist)
+            timer.data_ready()
+            metrics = train_step(comp, micro, step)
+            step += 1
+            samples_seen += cfg.optim.global_batch_size
+            keys_log.write(step, [k for b in micro for k in b["keys"]])
+            maybe_kill("mid_step", step=step, rank=dist.rank)
+            timer.step_done(cfg.optim.global_batch_size)
+            for b in micro:
+                for k, v in error_counts(b).items():
+                    data_errors[k] += v
+            log_now = logger.should_log(step)  # same verdict on every rank: the reduction below is collective
+            data_totals = {f"data_{k}": float(v) for k, v in reduce_error_counts(data_errors).items() if v} if log_now else {}
+            logger.log_step(step, samples_seen=samples_seen, epoch=stream.epoch,
+                            losses={k: metrics[k] for k in LOSS_TERMS},
+                            diagnostics={k: metrics[k] for k in DIAGNOSTICS + ("grad_norm",)},
+                            schedules={k: metrics[k] for k in ("lr", "weight_decay", "ema_momentum", "teacher_temp")},
+                            timing=timer.pop_window() if log_now else None,
+                            skipped=metrics["skipped"], **data_totals)
+            if metrics["skipped"]:
+                logger.log_event("step_skipped", step=step, nonfinite=metrics["skip_nonfinite"],
+                                 spike=metrics["skip_spike"])
+            maybe_inject_signal(step, dist.rank)
+            stop = preempt.should_stop()  # all ranks agree (MAX all-reduce)
+            if stop or step % cfg.checkpoint.every_steps == 0 or step == d.total_steps:
+                save(step)
+                maybe_kill("after_checkpoint", step=step, rank=dist.rank)
+                timer.start()
+            if stop:
+                logger.log_event("preempted", step=step, exit_code=REQUEUE_EXIT_CODE)
+                return REQUEUE_EXIT_CODE
+    finally:
+        watchdog.stop()
+        logger.close()
+        keys_log.close()
     if dist.is_main:
         export_run(run_dir, step)
     barrier()
