@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ssl_vil.checkpoint import CheckpointManager, config_hash
-from ssl_vil.dist import DistInfo, barrier, init_distributed
+from ssl_vil.dist import DistInfo, barrier
+from ssl_vil.evaluation.process_group import eval_process_group
 from ssl_vil.evaluation import finetune as ft
 from ssl_vil.evaluation.finetune_config import FinetuneConfig
 from ssl_vil.evaluation.inputs import default_split, eval_transform, open_eval_source
@@ -216,8 +217,11 @@ def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = 
 
     Returns the results dict (also written to ``OUT/results_finetune.json`` by rank 0).
     """
-    output_dir = Path(output_dir)
-    dist = init_distributed(device=cfg.train.device)
+    with eval_process_group(cfg.train.device) as dist:
+        return _finetune(cfg, Path(output_dir), resume, dist)
+
+
+def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInfo) -> dict[str, Any]:
     setup_logging(dist.rank)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)

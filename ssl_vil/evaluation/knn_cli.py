@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from ssl_vil.dist import barrier, init_distributed
+from ssl_vil.dist import DistInfo, barrier
+from ssl_vil.evaluation.process_group import eval_process_group
 from ssl_vil.evaluation import features as feats
 from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.knn import BACKENDS, knn_classify
@@ -73,8 +74,13 @@ def _checked(args: argparse.Namespace) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0)."""
     args = _checked(build_parser().parse_args(argv))
+    with eval_process_group(args.device) as dist:
+        return evaluate(args, dist)
+
+
+def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
+    """The k-NN evaluation for parsed ``args`` on this process (collective when distributed)."""
     t_start = time.perf_counter()
-    dist = init_distributed(device=args.device)
     setup_logging(dist.rank)
 
     from ssl_vil.export import load_pretrained_backbone

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torchvision import transforms
 
-from ssl_vil.dist import barrier, init_distributed
+from ssl_vil.dist import DistInfo, barrier
+from ssl_vil.evaluation.process_group import eval_process_group
 from ssl_vil.evaluation import features as feats
 from ssl_vil.evaluation import linear
 from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
@@ -109,8 +110,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     linear.is_heldout("probe", args.heldout_fraction)  # validates the fraction before any work
+    with eval_process_group(args.device) as dist:
+        return evaluate(args, dist)
+
+
+def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
+    """The linear-grid evaluation for parsed ``args`` on this process (collective when distributed)."""
     t_start = time.perf_counter()
-    dist = init_distributed(device=args.device)
     setup_logging(dist.rank)
     device = dist.device
 
