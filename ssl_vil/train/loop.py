@@ -27,6 +27,7 @@ from ssl_vil.faults import maybe_kill
 from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
 from ssl_vil.train.data import batches_forever, build_stream, error_counts
 from ssl_vil.train.key_log import KeyLog
+from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.metrics_log import MetricsLogger, StepTimer
 from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, maybe_inject_signal
@@ -125,6 +126,7 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag)
     objective.train()
     watchdog = HangWatchdog(g.watchdog_timeout_s, run_dir, dist.rank)
     timer = StepTimer()
+    knn = KnnMonitor(cfg, dist)
     data_errors = dict.fromkeys(COUNTER_KEYS, 0)  # this rank's bad-data counts since the start of this process
 
     def save(at_step: int) -> None:
@@ -164,6 +166,10 @@ def _run(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag)
             if metrics["skipped"]:
                 logger.log_event("step_skipped", step=step, nonfinite=metrics["skip_nonfinite"],
                                  spike=metrics["skip_spike"])
+            if knn.due(step):
+                with watchdog.paused():
+                    logger.log_event("knn", step=step, **knn(objective.teacher.backbone))
+                timer.start()
             maybe_inject_signal(step, dist.rank)
             stop = preempt.should_stop()  # all ranks agree (MAX all-reduce)
             if stop or step % cfg.checkpoint.every_steps == 0 or step == d.total_steps:
