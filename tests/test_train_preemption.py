@@ -43,7 +43,7 @@ def test_signal_to_one_rank_stops_both_at_same_step_and_resume_is_exact(tmp_path
     stopped = int(ckpts[0].split("_")[1])
     assert 6 <= stopped < STEPS
     assert _logged_steps(run) == stopped  # no rank ran past the agreed step
-    assert f'"event": "preempted"' in (run / "metrics.jsonl").read_text()
+    assert '"event": "preempted"' in (run / "metrics.jsonl").read_text()
 
     assert run_training(run, overrides, world_size=2) == [0, 0], logs(run)
     assert losses(run) == losses(ref)  # zero steps lost or repeated, exact continuation

@@ -10,7 +10,7 @@ tests: the guards decide, the objective owns student/teacher/centers, the schedu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,8 +124,4 @@ def train_step(c: StepComponents, micro_batches: list[dict[str, Any]], step: int
     c.objective.commit_step()  # centers move once per optimizer step, from all micro-batches and ranks
     c.collapse.update(metrics["teacher_entropy_ratio"], step=step)
     return metrics | {"skipped": 0.0}
-
-
-def take_micro_batches(it: Iterator[dict[str, Any]], n: int) -> list[dict[str, Any]]:
-    return [next(it) for _ in range(n)]
 
