@@ -40,6 +40,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_vil.data.collate import default_collate_views
+from ssl_vil.data.cursor import EpochCursor
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
 from ssl_vil.data.errors import DataConfigError, DataIssue
@@ -238,8 +239,7 @@ class TrainStream:
             self._samples_per_epoch = total
             planned = self._batches_per_epoch * batch_size
         self._tally = ErrorTally(budget_fraction=error_budget_fraction, planned_per_epoch=planned, rank=rank)
-        self._epoch = 0
-        self._consumed = 0
+        self._cursor = EpochCursor(self._batches_per_epoch)
 
     # -- cursor ----------------------------------------------------------------------------------------------
 
@@ -257,11 +257,11 @@ class TrainStream:
 
     @property
     def epoch(self) -> int:
-        return self._epoch + (1 if self._consumed >= self._batches_per_epoch else 0)
+        return self._cursor.epoch
 
     @property
     def batches_consumed(self) -> int:
-        return 0 if self._consumed >= self._batches_per_epoch else self._consumed
+        return self._cursor.batches_consumed
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -287,8 +287,7 @@ class TrainStream:
 
     def state_dict(self) -> dict[str, Any]:
         """``{"format", "epoch", "batches_consumed", <fingerprint>}``; identical on every rank."""
-        return {"format": CURSOR_FORMAT, "epoch": self.epoch, "batches_consumed": self.batches_consumed,
-                **self._fingerprint()}
+        return {"format": CURSOR_FORMAT, **self._cursor.state(), **self._fingerprint()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a saved cursor; refuses one whose sample order differs (other data, seed, G ...)."""
@@ -298,11 +297,7 @@ class TrainStream:
         diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _FINGERPRINT if state.get(k) != mine[k]]
         if diff:
             raise DataConfigError("data cursor does not match this stream: " + "; ".join(diff))
-        consumed = int(state["batches_consumed"])
-        if not 0 <= consumed <= self._batches_per_epoch:
-            raise DataConfigError(f"data cursor batches_consumed={consumed} outside 0..{self._batches_per_epoch}")
-        self._epoch = int(state["epoch"])
-        self._consumed = consumed
+        self._cursor.load(state, DataConfigError)
 
     # -- iteration -------------------------------------------------------------------------------------------
 
@@ -313,9 +308,7 @@ class TrainStream:
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._consumed >= self._batches_per_epoch:
-            self._epoch, self._consumed = self._epoch + 1, 0
-        epoch, first = self._epoch, self._consumed
+        epoch, first = self._cursor.begin()
         if first == 0:
             self._tally.new_epoch()
         # Resampled steps are positions in one endless stream; epoch steps restart at 0 every epoch.
@@ -346,12 +339,12 @@ class TrainStream:
                             f"step {part['step']} from worker {part['worker']}"
                         )
                 batch = self._assemble(parts, epoch, index)
-                self._consumed = index + 1
+                self._cursor.yielded(index)
                 self._tally.check_budget()
                 yield batch
         finally:
             del parts_iter
-        self._epoch, self._consumed = epoch + 1, 0
+        self._cursor.end(epoch)
 
     def _assemble(self, parts: list[dict[str, Any]], epoch: int, index: int) -> dict[str, Any]:
         samples: list[dict[str, Any] | None] = [None] * self.batch_size

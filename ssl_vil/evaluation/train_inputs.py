@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torchvision.datasets import ImageFolder
 
+from ssl_vil.data.cursor import EpochCursor
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.evaluation.inputs import is_image_folder
 
@@ -83,8 +84,7 @@ class ImageFolderTrainStream:
         if self._batches_per_epoch == 0:
             raise ValueError(f"{root}: {n} images are fewer than one global batch of {self.global_batch_size} "
                              f"(batch_size {batch_size} x world_size {world_size})")
-        self._epoch = 0
-        self._consumed = 0
+        self._cursor = EpochCursor(self._batches_per_epoch)
 
     @property
     def global_batch_size(self) -> int:
@@ -97,18 +97,18 @@ class ImageFolderTrainStream:
     @property
     def epoch(self) -> int:
         """Epoch of the next batch (a finished epoch counts as the start of the next)."""
-        return self._epoch + (1 if self._consumed >= self._batches_per_epoch else 0)
+        return self._cursor.epoch
 
     @property
     def batches_consumed(self) -> int:
-        return 0 if self._consumed >= self._batches_per_epoch else self._consumed
+        return self._cursor.batches_consumed
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.folder.classes)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": IMAGEFOLDER_CURSOR_FORMAT, "epoch": self.epoch, "batches_consumed": self.batches_consumed,
+        return {"format": IMAGEFOLDER_CURSOR_FORMAT, **self._cursor.state(),
                 "seed": self.seed, "global_batch_size": self.global_batch_size, "num_samples": len(self.folder)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -117,18 +117,13 @@ class ImageFolderTrainStream:
                                                                            "num_samples") if state.get(k) != mine[k]]
         if diff:
             raise ValueError("data cursor does not match this ImageFolder stream: " + "; ".join(diff))
-        consumed = int(state["batches_consumed"])
-        if not 0 <= consumed <= self._batches_per_epoch:
-            raise ValueError(f"data cursor batches_consumed={consumed} outside 0..{self._batches_per_epoch}")
-        self._epoch, self._consumed = int(state["epoch"]), consumed
+        self._cursor.load(state)
 
     def __len__(self) -> int:
         return self._batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self._consumed >= self._batches_per_epoch:
-            self._epoch, self._consumed = self._epoch + 1, 0
-        epoch, first = self._epoch, self._consumed
+        epoch, first = self._cursor.begin()
         order = torch.randperm(len(self.folder),
                                generator=make_generator(stable_seed(self.seed, "imagefolder-order", epoch))).tolist()
         g, b = self.global_batch_size, self.batch_size
@@ -139,10 +134,10 @@ class ImageFolderTrainStream:
             num_workers=self.num_workers, persistent_workers=False,
         )
         for index, (views, labels, keys) in enumerate(loader, start=first):
-            self._consumed = index + 1
+            self._cursor.yielded(index)
             yield {"keys": list(keys), "labels": labels.long(), "views": views, "epoch": epoch,
                    "batch_in_epoch": index}
-        self._epoch, self._consumed = epoch + 1, 0
+        self._cursor.end(epoch)
 
 
 def open_train_stream(source: str, *, transform: Callable[[Any], torch.Tensor], batch_size: int, seed: int,
