@@ -120,3 +120,13 @@ def test_recipes_start_with_command_hardware_and_targets():
         joined = "\n".join(head)
         assert head[0].startswith("#"), recipe.name
         assert "Command" in joined and "Hardware" in joined and "not" in joined and "result" in joined, recipe.name
+
+
+def test_epoch_schedule_sized_from_the_shard_manifest(tmp_path: Path):
+    from ssl_vil.data.make_shards import main as make_shards
+
+    assert make_shards(["builtin:digits", str(tmp_path / "val"), "--split", "val"]) == 0
+    cfg = load_config(overrides=["optim.global_batch_size=64", "schedule.total_epochs=2",
+                                 f"data.train={tmp_path / 'val'}"])
+    assert cfg.derived.samples_per_epoch == 500
+    assert cfg.derived.total_steps == 16  # ceil(2 * 500 / 64)

@@ -252,23 +252,12 @@ def _duration_steps(cfg: RunConfig, group: str, *, required: bool, samples_per_e
 
 
 def _manifest_samples(train: str) -> int | None:
-    """Sample count from the shard writer's manifest, when data.train is a local directory that has one."""
-    if not train or "://" in train or train.startswith("pipe:"):
+    """Sample count from the shard writer's manifest, when data.train is a local shard directory with one split."""
+    if not train or not Path(train).is_dir():
         return None
-    root = Path(train)
-    candidates = [root] if root.is_file() else sorted(root.glob("manifest*.json")) if root.is_dir() else []
-    import json
+    from ssl_vil.data.manifest import read_manifest
 
-    for c in candidates:
-        if c.suffix == ".json":
-            try:
-                m = json.loads(c.read_text())
-            except (OSError, ValueError):
-                continue
-            n = m.get("num_samples") or m.get("total_samples")
-            if isinstance(n, int):
-                return n
-    return None
+    return read_manifest(train).num_samples
 
 
 def _known_models() -> list[str]:
@@ -381,7 +370,11 @@ def validate_and_resolve(cfg: RunConfig, *, world_size: int) -> RunConfig:
         raise _fail("optim.global_batch_size", opt.global_batch_size,
                     f"a positive multiple of world_size × optim.grad_accum_steps = {world_size} × {opt.grad_accum_steps}")
 
-    samples_per_epoch = d.samples_per_epoch if d.samples_per_epoch is not None else _manifest_samples(d.train)
+    samples_per_epoch = d.samples_per_epoch
+    uses_epochs = any(getattr(cfg.schedule, f.name) is not None for f in dataclasses.fields(cfg.schedule)
+                      if f.name.endswith("_epochs"))
+    if samples_per_epoch is None and uses_epochs:  # only an epoch-sized schedule needs the data's size
+        samples_per_epoch = _manifest_samples(d.train)
     if samples_per_epoch is not None and samples_per_epoch <= 0:
         raise _fail("data.samples_per_epoch", samples_per_epoch, "a positive integer")
     total = _duration_steps(cfg, "total", required=True, samples_per_epoch=samples_per_epoch)
