@@ -34,7 +34,7 @@ BAD = [
     (["objective.name=simclr"], 1, ["objective.name", "'simclr'", "one of 'dino', 'ibot', 'dinov2'"]),
     (["checkpoint.keep_last=1"], 1, ["checkpoint.keep_last", "1", "at least 2"]),
     (["eval.knn_k=[]"], 1, ["eval.knn_k", "[]", "non-empty list"]),
-    (["train.precision=fp16"], 1, ["train.precision", "'fp16'", "train.grad_scaler=true"]),
+    (["train.grad_scaler=true"], 1, ["train.grad_scaler", "unknown key"]),
     (["schedule.total_steps=null"], 1, ["schedule.total_*", "none set", "exactly one of"]),
     (["schedule.total_steps=null", "schedule.total_epochs=2"], 1, ["schedule.total_epochs", "2", "epoch size is unknown"]),
     (["objective.mask_ratio_min=0.6"], 1, ["objective.mask_ratio_max", "0.5", "mask_ratio_min=0.6"]),

@@ -346,8 +346,6 @@ def validate_and_resolve(cfg: RunConfig, *, world_size: int) -> RunConfig:
         raise _fail("checkpoint.keep_every_steps", ck.keep_every_steps, "a positive number of steps or null")
     if cfg.guards.max_consecutive_skips < 0:
         raise _fail("guards.max_consecutive_skips", cfg.guards.max_consecutive_skips, "a non-negative integer")
-    if cfg.train.precision == "fp16" and not cfg.train.grad_scaler:
-        raise _fail("train.precision", "fp16", "bf16 or fp32, or fp16 together with train.grad_scaler=true")
     if not 0.0 <= d.error_budget_fraction <= 1.0:
         raise _fail("data.error_budget_fraction", d.error_budget_fraction, "a fraction in [0, 1]")
     if d.num_workers < 0:

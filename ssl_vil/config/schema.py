@@ -181,8 +181,8 @@ class EvalConfig:
 class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    grad_scaler: bool = False  # required for fp16
+    # auto: bf16 autocast on GPU, fp32 on CPU; fp16 always runs with a checkpointed dynamic loss scaler
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     deterministic: bool = True
 

@@ -43,7 +43,7 @@ from ssl_vil.data.collate import default_collate_views
 from ssl_vil.data.cursor import EpochCursor
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
-from ssl_vil.data.errors import DataConfigError, DataIssue
+from ssl_vil.data.errors import DataConfigError, DataErrorBudgetExceeded, DataIssue
 from ssl_vil.data.layout import EpochLayout
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.data.shardlist import ShardSet, ShardSpec, resolve_shard_set
@@ -180,6 +180,7 @@ class TrainStream:
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
         worker_timeout_s: float = 0.0,
+        budget_error: Literal["raise", "attach"] = "raise",
     ) -> None:
         if mode not in ("epoch", "resampled"):
             raise DataConfigError(f"data mode must be 'epoch' or 'resampled', got {mode!r}")
@@ -239,6 +240,9 @@ class TrainStream:
             self._samples_per_epoch = total
             planned = self._batches_per_epoch * batch_size
         self._tally = ErrorTally(budget_fraction=error_budget_fraction, planned_per_epoch=planned, rank=rank)
+        # "attach": the batch that blew the budget is still delivered, with the error under "data_budget_error",
+        # so a trainer can stop every rank at the same step instead of one rank raising alone.
+        self._budget_error = budget_error
         self._cursor = EpochCursor(self._batches_per_epoch)
 
     # -- cursor ----------------------------------------------------------------------------------------------
@@ -340,7 +344,12 @@ class TrainStream:
                         )
                 batch = self._assemble(parts, epoch, index)
                 self._cursor.yielded(index)
-                self._tally.check_budget()
+                try:
+                    self._tally.check_budget()
+                except DataErrorBudgetExceeded as e:
+                    if self._budget_error == "raise":
+                        raise
+                    batch["data_budget_error"] = e
                 yield batch
         finally:
             del parts_iter
@@ -393,6 +402,7 @@ def build_train_stream(
     prefetch_factor: int = 2,
     multiprocessing_context: str | None = None,
     worker_timeout_s: float = 0.0,
+    budget_error: Literal["raise", "attach"] = "raise",
 ) -> TrainStream:
     """The training stream of rank ``rank`` over the shards of ``urls_or_dir`` (see :class:`TrainStream`).
 
@@ -408,4 +418,5 @@ def build_train_stream(
         error_budget_fraction=error_budget_fraction, max_image_pixels=max_image_pixels,
         shuffle_window_samples=shuffle_window_samples, drop_last=drop_last, prefetch_factor=prefetch_factor,
         multiprocessing_context=multiprocessing_context, worker_timeout_s=worker_timeout_s,
+        budget_error=budget_error,
     )

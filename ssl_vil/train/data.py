@@ -30,7 +30,8 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
         d.train, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
         world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,
         samples_per_epoch=d.samples_per_epoch, error_budget_fraction=d.error_budget_fraction,
-        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_window_samples)
+        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_window_samples,
+        budget_error="attach")  # the step guard stops every rank at the same step
 
 
 def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:
@@ -49,7 +50,3 @@ def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:
                 break
             yield batch
 
-
-def error_counts(batch: dict[str, Any]) -> dict[str, int]:
-    """Per-category bad-data counts this batch adds (non-zero entries only)."""
-    return {k: int(v) for k, v in batch.get("data_errors", {}).items() if int(v)}

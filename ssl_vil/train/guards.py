@@ -128,11 +128,19 @@ class FiniteGuard:
             flags = torch.ones(world, len(names), dtype=torch.int32, device=device)
             flags[rank] = local
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-            my_row, row_ranks = rank, list(range(world))
-        else:
-            flags, my_row, row_ranks = local.unsqueeze(0), 0, [self.rank]
-        flags_host = flags.cpu().tolist()
+            return self.decide(flags.cpu().tolist(), names, step=step, batch_keys=batch_keys)
+        return self.decide([local.cpu().tolist()], names, step=step, batch_keys=batch_keys, ranks=[self.rank])
 
+    def decide(self, flags: list[list[int]], names: list[str], *, step: int, batch_keys: list[str],
+               ranks: list[int] | None = None) -> bool:
+        """The policy applied to a global table of finite flags (row = rank, column = quantity, 0 = non-finite).
+
+        ``ranks`` names the rows (default: row r is rank r). Returns True for a good step, False for a step to
+        skip; raises :class:`NonFiniteError` when the policy says stop.
+        """
+        row_ranks = list(range(len(flags))) if ranks is None else ranks
+        flags_host = flags
+        my_row = row_ranks.index(self.rank)
         bad = {
             name: [r for r, row in zip(row_ranks, flags_host) if row[i] == 0]
             for i, name in enumerate(names)

@@ -1,0 +1,104 @@
+"""The trainer's checkpoint policy: when to save, what a save holds, and how a resume restores it.
+
+A save is one :class:`~ssl_vil.checkpoint.CheckpointManager` folder with the payload files
+
+* ``objective``   student, teacher and loss centers;
+* ``optimizer``   AdamW state;
+* ``grad_scaler`` fp16 loss-scale state (only when loss scaling is on);
+* ``train_state`` the step and sample counters, every stateful loop component (data cursor, guards) and the RNG
+  streams of every rank: what a bitwise-exact continuation needs besides the model and the optimizer.
+
+Components are registered by name; anything with ``state_dict()`` / ``load_state_dict()`` qualifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, capture_rng_state, restore_rng_state
+from ssl_vil.dist import barrier, is_distributed
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass
+class Progress:
+    """The loop's counters; saved in ``train_state``."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+
+class Checkpointer:
+    """Saves every ``every_steps``, at the last step and on preemption; restores the newest verified save.
+
+    ``payload`` components become payload files of their own; ``loop_state`` components go into ``train_state``
+    (a disabled one may be None and saves as ``{}``).
+    """
+
+    def __init__(self, manager: CheckpointManager, *, every_steps: int, total_steps: int,
+                 payload: dict[str, Stateful], loop_state: dict[str, Stateful | None]) -> None:
+        self.manager, self.every_steps, self.total_steps = manager, every_steps, total_steps
+        self.payload, self.loop_state = payload, loop_state
+
+    @classmethod
+    def for_run(cls, run_dir: Path, cfg: Any, *, config_hash: str, world_size: int, rank: int, git_sha: str | None,
+                payload: dict[str, Stateful], loop_state: dict[str, Stateful | None]) -> Checkpointer:
+        c = cfg.checkpoint
+        manager = CheckpointManager(run_dir, keep_last=c.keep_last, keep_every_steps=c.keep_every_steps,
+                                    config_hash=config_hash, world_size=world_size, git_sha=git_sha, rank=rank,
+                                    barrier=barrier if is_distributed() else None)
+        return cls(manager, every_steps=c.every_steps, total_steps=cfg.derived.total_steps, payload=payload,
+                   loop_state=loop_state)
+
+    @property
+    def fallbacks(self) -> int:
+        """Checkpoints skipped at load because they failed verification."""
+        return self.manager.fallbacks
+
+    def due(self, step: int, *, stop: bool = False) -> bool:
+        return stop or step % self.every_steps == 0 or step == self.total_steps
+
+    def save(self, progress: Progress) -> Path:
+        """Collective when distributed: every rank contributes its RNG streams."""
+        train_state = {"step": progress.step, "samples_seen": progress.samples_seen}
+        train_state |= {name: c.state_dict() if c is not None else {} for name, c in self.loop_state.items()}
+        train_state["rng"] = _gather_rng()
+        payload = {name: c.state_dict() for name, c in self.payload.items()} | {"train_state": train_state}
+        return self.manager.save(progress.step, payload, metadata={"samples_seen": progress.samples_seen})
+
+    def restore(self, progress: Progress, rank: int) -> LoadedCheckpoint | None:
+        """Load the newest verified checkpoint into the components and ``progress``; None on a fresh run."""
+        loaded = self.manager.load_latest()
+        if loaded is None:
+            return None
+        for name, component in self.payload.items():
+            component.load_state_dict(loaded.payload[name])
+        st = loaded.payload["train_state"]
+        progress.step, progress.samples_seen = int(st["step"]), int(st["samples_seen"])
+        for name, component in self.loop_state.items():
+            if component is not None:
+                component.load_state_dict(st[name])
+        # Per-rank RNG streams (drop path) continue exactly on the same world size; on another one, ranks reuse
+        # the saved streams cyclically. Restored last: loading the components above must not draw from them.
+        rng = st["rng"]
+        restore_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
+        return loaded
+
+
+def _gather_rng() -> list[dict[str, Any]] | dict[str, Any]:
+    state = capture_rng_state()
+    if not is_distributed():
+        return state
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, state)
+    return out
+
