@@ -5,7 +5,7 @@ Sequence inside one task (``python -m submitit.core._submit RUN/slurm/%j``):
 1. submitit installs its handlers (USR2 -> ``SignalHandler.checkpoint_and_try_requeue``, TERM/CONT -> log only)
    and calls :meth:`EntryJob.__call__`.
 2. ``__call__`` exports the torch.distributed variables (:mod:`cluster.dist_env`) and calls the entry's
-   ``main(argv)`` (``ssl_vil.train.main`` or ``eval/<name>.py:main``).
+   ``main(argv)`` (``ssl_vil.train.cli.main`` or ``eval/<name>.py:main``).
 3. The trainer replaces the USR2/TERM handlers with a flag while it trains. On a signal (preemption, or Slurm's
    ``--signal=USR2@N`` warning before the time limit) all ranks stop at the same step boundary, save that step,
    restore submitit's handlers and return ``REQUEUE_EXIT_CODE``.
@@ -56,9 +56,9 @@ EntryMain = Callable[[list[str]], Any]
 def load_entry(entry: str, repo_root: Path) -> tuple[EntryMain, int | None]:
     """``(main, requeue_exit_code)`` of an entry; the code is None for entries that do not save on a signal."""
     if entry == ENTRY_TRAIN:
-        import ssl_vil.train as train
+        from ssl_vil.train import cli
 
-        return train.main, train.REQUEUE_EXIT_CODE
+        return cli.main, cli.REQUEUE_EXIT_CODE
     if entry not in EVAL_SCRIPTS:
         raise ValueError(f"--entry: got {entry!r}, expected one of {', '.join(ENTRIES)}")
     path = Path(repo_root) / EVAL_SCRIPTS[entry]

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cluster/submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--entry", choices=ENTRIES, default=ENTRY_TRAIN,
-                   help="train: ssl_vil.train.main; knn|linear|finetune: eval/<name>.py main(argv) with the "
+                   help="train: ssl_vil.train.cli.main; knn|linear|finetune: eval/<name>.py main(argv) with the "
                         "arguments after `--`")
     p.add_argument("--config", help="recipe YAML (train entry)")
     p.add_argument("--output-dir", required=True,

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     train_shards, val_shards = _make_shards(out / "shards")
 
     from ssl_vil.report import main as report
-    from ssl_vil.train import main as train
+    from ssl_vil.train.cli import main as train
 
     run_dir = out / "run"
     code = train(["--config", str(RECIPE), "--output-dir", str(run_dir), f"data.train={train_shards}", *args.overrides])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl_vil.checkpoint import CheckpointManager
-from ssl_vil.train import GUARD_EXIT_CODE
+from ssl_vil.train.cli import GUARD_EXIT_CODE
 from trainer_harness import assert_tree_equal, logs, records, run_training, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

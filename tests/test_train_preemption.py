@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vil.train import REQUEUE_EXIT_CODE
+from ssl_vil.train.cli import REQUEUE_EXIT_CODE
 from trainer_harness import (assert_tree_equal, final_payload, launch, logs, losses, run_training, tiny_overrides,
                              wait_all, write_shards)
 

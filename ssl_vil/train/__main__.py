@@ -1,5 +1,5 @@
 import sys
 
-from ssl_vil.train import main
+from ssl_vil.train.cli import main
 
 sys.exit(main())

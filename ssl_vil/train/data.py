@@ -10,7 +10,7 @@ import torch
 from ssl_vil.augment.presets import build_multicrop
 from ssl_vil.config import RunConfig
 from ssl_vil.data.train_stream import TrainStream, build_train_stream
-from ssl_vil.dist import DistInfo
+from ssl_vil.infra.dist import DistInfo
 from ssl_vil.masking import MultiCropMaskCollate
 
 
