@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
-
 from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, capture_rng_state, restore_rng_state
-from ssl_vil.dist import barrier, is_distributed
+from ssl_vil.infra.dist import all_gather_object, barrier, is_distributed
+from ssl_vil.infra.timing import is_due
 
 
 class Stateful(Protocol):
@@ -65,7 +64,7 @@ class Checkpointer:
         return self.manager.fallbacks
 
     def due(self, step: int, *, stop: bool = False) -> bool:
-        return stop or step % self.every_steps == 0 or step == self.total_steps
+        return stop or is_due(step, self.every_steps, total_steps=self.total_steps)
 
     def save(self, progress: Progress) -> Path:
         """Collective when distributed: every rank contributes its RNG streams."""
@@ -96,9 +95,5 @@ class Checkpointer:
 
 def _gather_rng() -> list[dict[str, Any]] | dict[str, Any]:
     state = capture_rng_state()
-    if not is_distributed():
-        return state
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, state)
-    return out
+    return all_gather_object(state) if is_distributed() else state
 

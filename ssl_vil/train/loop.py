@@ -21,15 +21,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ssl_vil.checkpoint import config_hash
 from ssl_vil.config import RunConfig, to_dict
-from ssl_vil.dist import DistInfo, barrier, is_distributed
+from ssl_vil.infra.dist import DistInfo, barrier, is_distributed
 from ssl_vil.export import export_run
 from ssl_vil.infra.precision import autocast, resolve_precision
+from ssl_vil.infra.timing import StepTimer
 from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
 from ssl_vil.train.checkpointing import Checkpointer, Progress
 from ssl_vil.train.data import batches_forever, build_stream
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.knn_monitor import KnnMonitor
-from ssl_vil.train.metrics_log import MetricsLogger, StepTimer
+from ssl_vil.train.metrics_log import MetricsLogger
 from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from ssl_vil.train.run_dir import git_sha
 from ssl_vil.train.step import DIAGNOSTICS, LOSS_TERMS, StepComponents, train_step

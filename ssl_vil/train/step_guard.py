@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ssl_vil.data.error_tally import COUNTER_KEYS
 from ssl_vil.data.errors import DataErrorBudgetExceeded
-from ssl_vil.dist import all_reduce_, is_distributed
+from ssl_vil.infra.dist import all_reduce_, collective_device
 from ssl_vil.train.guards import GRAD_NORM_NAME, FiniteGuard, SpikeGuard
 from ssl_vil.train.preemption import PreemptionFlag
 
@@ -86,8 +86,7 @@ class StepGuard:
             torch.tensor([budget_error is not None, self.preempt.is_set_locally()], dtype=torch.float64),
             torch.tensor([float(data_errors[k]) for k in counters], dtype=torch.float64),
         ])
-        device = grad_norm.device if is_distributed() and torch.distributed.get_backend() == "nccl" else "cpu"
-        packed = all_reduce_(packed.to(device), "sum").cpu()
+        packed = all_reduce_(packed.to(collective_device()), "sum").cpu()
 
         n = len(scalars)
         means = (packed[:n] / self.world_size).tolist()
