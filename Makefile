@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # Regenerate the resolved-recipe snapshots (tests/snapshots/) after an intended default change.
 snapshots: $(STAMP)
-	$(PY) -m ssl_vil.config.snapshot --write
+	$(PY) tests/recipe_snapshots.py --write
 
 clean:
 	rm -rf runs

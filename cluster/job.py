@@ -249,11 +249,10 @@ class EntryJob(submitit.helpers.Checkpointable):
                "entry": self.entry, "job_id": job_env.job_id, "restart_count": restart_count(),
                "requeues": self.requeues, "recorded_resume_step": self.resume_step,
                "world_size": dist.world_size if dist else job_env.num_tasks, **fields}
+        from ssl_vil.infra.files import append_jsonl
+
         try:
-            root = Path(self.jobs_root)
-            root.mkdir(parents=True, exist_ok=True)
-            with open(root / EVENTS_FILENAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_jsonl(Path(self.jobs_root) / EVENTS_FILENAME, rec)
         except OSError as exc:
             print(f"[ssl_vil launcher] could not write {EVENTS_FILENAME}: {exc!r}", flush=True)
         print(f"[ssl_vil launcher] {json.dumps(rec)}", flush=True)

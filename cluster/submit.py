@@ -154,10 +154,9 @@ def submission_environment() -> Iterator[None]:
 
 def write_frozen_config(cfg_yaml: str, path: Path) -> None:
     """Write the resolved config the job runs (content-addressed name, so rewriting is idempotent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(cfg_yaml)
-    os.replace(tmp, path)
+    from ssl_vil.infra.files import write_text_atomic
+
+    write_text_atomic(path, cfg_yaml)
 
 
 @dataclass(frozen=True)

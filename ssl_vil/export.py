@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from ssl_vil.config import RunConfig, load_config
+from ssl_vil.infra.files import write_bytes_atomic, write_json_atomic
 
 EXPORT_WEIGHTS = "teacher_backbone.safetensors"
 EXPORT_INFO = "model.json"
@@ -80,21 +80,17 @@ def _find_step_dir(run_dir: Path, step: int | None) -> Path:
 
 def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     """Write the teacher backbone of ``step`` (default: newest valid checkpoint) to ``RUN/export/``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", world_size=1)
     step_dir = _find_step_dir(run_dir, step)
     sd = teacher_backbone_state(_load_checkpoint_objective(step_dir))
     out = run_dir / "export"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{EXPORT_WEIGHTS}.tmp-{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata={"source": str(step_dir.name)})
-    os.replace(tmp, out / EXPORT_WEIGHTS)
+    data = save({k: v.contiguous() for k, v in sd.items()}, metadata={"source": str(step_dir.name)})
+    write_bytes_atomic(out / EXPORT_WEIGHTS, data)
     info = model_info(cfg) | {"step": int(step_dir.name.split("_")[-1])}
-    tmp_info = out / f".{EXPORT_INFO}.tmp-{os.getpid()}"
-    tmp_info.write_text(json.dumps(info, indent=2))
-    os.replace(tmp_info, out / EXPORT_INFO)
+    write_json_atomic(out / EXPORT_INFO, info)
     return out / EXPORT_WEIGHTS
 
 

@@ -15,15 +15,60 @@ All randomness comes from the ``torch.Generator`` passed in, never from global R
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-MASK_MODES = ("block", "random")
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
+
+MaskMode = Literal["block", "random"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+
+
+@dataclass(kw_only=True, slots=True)
+class MaskingConfig(Config):
+    """Student masks of the global crops (used when the objective's ``ibot_weight`` > 0); the run config's
+    ``masking:`` section. The fields are the keyword arguments of :class:`MultiCropMaskCollate`.
+
+    Attributes:
+        mask_probability: fraction of the global crops of a batch that are masked.
+        mask_ratio: [min, max] masked fraction of a masked crop's patches (stratified over the batch).
+        mode: "block" (BEiT / DINOv2 block masks) or "random" patches.
+        min_num_patches: smallest block area proposed (block mode).
+        max_block_fraction: most new patches one block may add, as a fraction of the grid (block mode).
+        min_aspect: smallest block aspect ratio; the largest is its inverse (block mode).
+        max_attempts: placements tried per block before a mask ends short of its target (block mode).
+    """
+
+    mask_probability: float = 0.5
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mode: MaskMode = "block"
+    min_num_patches: int = 4
+    max_block_fraction: float = 0.5
+    min_aspect: float = 0.3
+    max_attempts: int = 10
+
+    def validate(self) -> None:
+        if not 0.0 <= self.mask_probability <= 1.0:
+            raise invalid("mask_probability", self.mask_probability, "a probability in [0, 1]")
+        low, high = self.mask_ratio
+        if not 0.0 <= low <= high <= 1.0:
+            raise invalid("mask_ratio", list(self.mask_ratio), "[min, max] with 0 <= min <= max <= 1")
+        if self.min_num_patches < 1:
+            raise invalid("min_num_patches", self.min_num_patches, "a positive integer")
+        if not 0.0 < self.max_block_fraction <= 1.0:
+            raise invalid("max_block_fraction", self.max_block_fraction, "a fraction in (0, 1]")
+        if not 0.0 < self.min_aspect <= 1.0:
+            raise invalid("min_aspect", self.min_aspect, "an aspect ratio in (0, 1]")
+        if self.max_attempts < 1:
+            raise invalid("max_attempts", self.max_attempts, "a positive integer")
 
 
 class _UniformStream:
@@ -246,6 +291,14 @@ class MultiCropMaskCollate:
             min_aspect=min_aspect,
             max_attempts=max_attempts,
         )
+
+    @classmethod
+    def from_config(
+        cls, grid_hw: tuple[int, int], n_global: int, n_local: int | None, cfg: MaskingConfig
+    ) -> MultiCropMaskCollate:
+        """The collate for a ``grid_hw`` patch grid with the masks described by ``cfg``."""
+        fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        return cls(grid_hw, n_global, n_local, **fields)
 
     def __call__(self, samples: Sequence[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
         if len(samples) == 0:

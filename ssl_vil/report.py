@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from ssl_vil.infra.files import atomic_output
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -81,11 +82,10 @@ def _series(records: Iterable[Record], get: Callable[[Record], Any]) -> tuple[li
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Render with Agg and write via tmp + rename, so a crash never leaves a truncated PNG."""
+    """Render with Agg and write atomically, so a crash never leaves a truncated PNG."""
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    with atomic_output(path) as handle:
+        fig.savefig(handle, format="png", dpi=100)
     return path
 
 

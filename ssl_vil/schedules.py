@@ -1,9 +1,14 @@
 """Training schedules as pure functions of the optimizer step, and the optimizer param groups they act on.
 
-Nothing here keeps state: the learning rate, weight decay, EMA momentum and teacher temperature at step s
-are closed-form functions of s and a :class:`ScheduleConfig`, so resuming needs only the step. The trainer
-calls :func:`apply_schedules` before every optimizer step; it writes ``lr`` and ``weight_decay`` into each
-param group from the group's ``lr_scale`` / ``wd_scale`` / ``is_last_layer`` set by :func:`build_param_groups`.
+:class:`ScheduleConfig` is the run config's ``schedule:`` section: the run length and the warmups, each in one
+unit (``*_steps`` | ``*_samples`` | ``*_epochs``). The loader converts them to optimizer steps once
+(:meth:`ScheduleConfig.resolve_steps`) and records them in the run's ``derived`` section.
+
+Nothing here keeps state: the learning rate, weight decay, EMA momentum and teacher temperature at step s are
+closed-form functions of s and the resolved run config (steps from ``derived``, values from ``optim`` and
+``objective``), so resuming needs only the step. The trainer calls :func:`apply_schedules` before every optimizer
+step; it writes ``lr`` and ``weight_decay`` into each param group from the group's ``lr_scale`` / ``wd_scale`` /
+``is_last_layer`` set by :func:`build_param_groups`.
 """
 
 from __future__ import annotations
@@ -12,49 +17,97 @@ import fnmatch
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.models import group_parameters
 from torch import nn
 
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import ConfigError, invalid
 from ssl_vil.heads import LAST_LAYER_NAME
+
+if TYPE_CHECKING:
+    from ssl_vil.config.schema import RunConfig
+
+DURATIONS = ("total", "warmup", "teacher_temp_warmup", "freeze_last_layer")
+UNITS = ("steps", "samples", "epochs")
 
 
 @dataclass(kw_only=True, slots=True)
-class ScheduleConfig:
-    """Schedule settings; every duration is in optimizer steps.
+class ScheduleConfig(Config):
+    """Run length and warmups; set exactly one unit per duration (none: a warmup of 0 steps).
 
-    lr: linear warmup ``warmup_start_lr -> base_lr`` over ``warmup_steps``, then cosine to ``final_lr`` at
-    ``total_steps``. Weight decay and EMA momentum: cosine from start to end over ``total_steps``. Teacher
-    temperature: linear ``teacher_temp_start -> teacher_temp_end`` over ``teacher_temp_warmup_steps``, then
-    constant. The prototype (last) layer has lr 0 for the first ``freeze_last_layer_steps`` steps.
+    lr: linear warmup 0 -> ``derived.peak_lr`` over ``warmup_*``, then cosine to ``optim.min_lr`` at the end.
+    Weight decay (``optim.weight_decay`` -> ``optim.weight_decay_end``) and teacher EMA momentum
+    (``optim.momentum_start`` -> ``optim.momentum_end``): cosine over the run. Teacher temperature: linear
+    ``objective.warmup_teacher_temp`` -> ``objective.teacher_temp`` over ``teacher_temp_warmup_*``, then
+    constant. The prototype (last) layer has lr 0 for the first ``freeze_last_layer_*``.
     """
 
-    total_steps: int
-    base_lr: float
-    final_lr: float = 1e-6
-    warmup_steps: int = 0
-    warmup_start_lr: float = 0.0
-    weight_decay_start: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum_start: float = 0.996
-    momentum_end: float = 1.0
-    teacher_temp_start: float = 0.04
-    teacher_temp_end: float = 0.07
-    teacher_temp_warmup_steps: int = 0
-    freeze_last_layer_steps: int = 0
+    total_steps: int | None = None
+    total_samples: int | None = None
+    total_epochs: float | None = None
+    warmup_steps: int | None = None
+    warmup_samples: int | None = None
+    warmup_epochs: float | None = None
+    teacher_temp_warmup_steps: int | None = None
+    teacher_temp_warmup_samples: int | None = None
+    teacher_temp_warmup_epochs: float | None = None
+    freeze_last_layer_steps: int | None = None
+    freeze_last_layer_samples: int | None = None
+    freeze_last_layer_epochs: float | None = None
 
-    def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError(f"ScheduleConfig.total_steps must be >= 1, got {self.total_steps}")
-        for name in ("warmup_steps", "teacher_temp_warmup_steps", "freeze_last_layer_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ScheduleConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_steps > self.total_steps:
-            raise ValueError(
-                f"ScheduleConfig.warmup_steps ({self.warmup_steps}) exceeds total_steps ({self.total_steps})"
-            )
+    def _given(self, duration: str) -> dict[str, float]:
+        values = {u: getattr(self, f"{duration}_{u}") for u in UNITS}
+        return {u: v for u, v in values.items() if v is not None}
+
+    def validate(self) -> None:
+        for duration in DURATIONS:
+            given = self._given(duration)
+            if len(given) > 1:
+                keys = ", ".join(f"{duration}_{u}={v!r}" for u, v in given.items())
+                raise ConfigError(f"got {keys}; expected exactly one of {_units(duration)}", key=f"{duration}_*")
+            for unit, value in given.items():
+                if duration == "total" and value <= 0:
+                    raise invalid(f"{duration}_{unit}", value, "a positive number")
+                if value < 0:
+                    raise invalid(f"{duration}_{unit}", value, "a non-negative number")
+
+    @property
+    def uses_epochs(self) -> bool:
+        """Whether a duration is in epochs (then resolving needs the number of samples per epoch)."""
+        return any(unit == "epochs" for d in DURATIONS for unit in self._given(d))
+
+    def resolve_steps(self, *, global_batch_size: int, samples_per_epoch: int | None) -> dict[str, int]:
+        """``{duration: optimizer steps}`` for every duration (samples and epochs rounded up to whole steps)."""
+        if not self._given("total"):
+            raise ConfigError(f"none set; expected exactly one of {_units('total')}", key="total_*")
+        steps = {}
+        for duration in DURATIONS:
+            given = self._given(duration)
+            if not given:
+                steps[duration] = 0
+                continue
+            unit, value = next(iter(given.items()))
+            key = f"{duration}_{unit}"
+            if unit == "steps":
+                n = int(value)
+            elif unit == "samples":
+                n = math.ceil(value / global_batch_size)
+            elif samples_per_epoch is None:
+                raise ConfigError(f"got {value!r}, but the epoch size is unknown; set data.samples_per_epoch or "
+                                  f"point data.train at shards with a manifest", key=key)
+            else:
+                n = math.ceil(value * samples_per_epoch / global_batch_size)
+            if duration != "total" and n > steps["total"]:
+                raise invalid(key, value, f"at most the run length ({steps['total']} steps)")
+            steps[duration] = n
+        return steps
+
+
+def _units(duration: str) -> str:
+    return ", ".join(f"{duration}_{u}" for u in UNITS)
 
 
 def warmup_cosine(
@@ -74,34 +127,42 @@ def warmup_cosine(
     return final_value + 0.5 * (peak_value - final_value) * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_at(step: int, cfg: ScheduleConfig) -> float:
+def lr_at(step: int, cfg: RunConfig) -> float:
+    d = cfg.derived
     return warmup_cosine(
         step,
-        total_steps=cfg.total_steps,
-        peak_value=cfg.base_lr,
-        final_value=cfg.final_lr,
-        warmup_steps=cfg.warmup_steps,
-        warmup_start_value=cfg.warmup_start_lr,
+        total_steps=d.total_steps,
+        peak_value=d.peak_lr,
+        final_value=cfg.optim.min_lr,
+        warmup_steps=d.warmup_steps,
+        warmup_start_value=0.0,
     )
 
 
-def weight_decay_at(step: int, cfg: ScheduleConfig) -> float:
+def weight_decay_at(step: int, cfg: RunConfig) -> float:
     return warmup_cosine(
-        step, total_steps=cfg.total_steps, peak_value=cfg.weight_decay_start, final_value=cfg.weight_decay_end
+        step,
+        total_steps=cfg.derived.total_steps,
+        peak_value=cfg.optim.weight_decay,
+        final_value=cfg.optim.weight_decay_end,
     )
 
 
-def ema_momentum_at(step: int, cfg: ScheduleConfig) -> float:
+def ema_momentum_at(step: int, cfg: RunConfig) -> float:
     return warmup_cosine(
-        step, total_steps=cfg.total_steps, peak_value=cfg.momentum_start, final_value=cfg.momentum_end
+        step,
+        total_steps=cfg.derived.total_steps,
+        peak_value=cfg.optim.momentum_start,
+        final_value=cfg.optim.momentum_end,
     )
 
 
-def teacher_temp_at(step: int, cfg: ScheduleConfig) -> float:
-    if step >= cfg.teacher_temp_warmup_steps:
-        return cfg.teacher_temp_end
-    fraction = step / cfg.teacher_temp_warmup_steps
-    return cfg.teacher_temp_start + (cfg.teacher_temp_end - cfg.teacher_temp_start) * fraction
+def teacher_temp_at(step: int, cfg: RunConfig) -> float:
+    o, warmup_steps = cfg.objective, cfg.derived.teacher_temp_warmup_steps
+    if step >= warmup_steps:
+        return o.teacher_temp
+    fraction = step / warmup_steps
+    return o.warmup_teacher_temp + (o.teacher_temp - o.warmup_teacher_temp) * fraction
 
 
 def last_layer_lr_multiplier(step: int, freeze_steps: int) -> float:
@@ -110,7 +171,7 @@ def last_layer_lr_multiplier(step: int, freeze_steps: int) -> float:
 
 
 def scale_lr(base_lr: float, batch_size: int, *, reference_batch_size: int, rule: str = "linear") -> float:
-    """Batch-size scaling: ``linear`` (DINO: lr·B/256) or ``sqrt`` (DINOv2: lr·sqrt(B/1024))."""
+    """Batch-size scaling: ``linear`` (DINO: lr·B/256), ``sqrt`` (DINOv2: lr·sqrt(B/1024)) or ``none``."""
     if batch_size < 1 or reference_batch_size < 1:
         raise ValueError(f"batch sizes must be positive, got {batch_size} and {reference_batch_size}")
     ratio = batch_size / reference_batch_size
@@ -118,16 +179,9 @@ def scale_lr(base_lr: float, batch_size: int, *, reference_batch_size: int, rule
         return base_lr * ratio
     if rule == "sqrt":
         return base_lr * math.sqrt(ratio)
-    raise ValueError(f"lr scaling rule must be 'linear' or 'sqrt', got {rule!r}")
-
-
-def drop_path_rates(depth: int, rate: float, mode: str = "uniform") -> list[float]:
-    """Per-block drop-path rates: ``uniform`` (every block ``rate``) or ``linear`` (0 -> ``rate``)."""
-    if mode == "uniform":
-        return [rate] * depth
-    if mode == "linear":
-        return [rate * i / (depth - 1) if depth > 1 else rate for i in range(depth)]
-    raise ValueError(f"drop-path mode must be 'uniform' or 'linear', got {mode!r}")
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"lr scaling rule must be 'linear' or 'sqrt' (or 'none'), got {rule!r}")
 
 
 def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, float]:
@@ -214,15 +268,16 @@ def build_param_groups(
     return list(groups.values())
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg: ScheduleConfig) -> dict[str, float]:
-    """Set every group's ``lr`` and ``weight_decay`` for ``step``; returns the scheduled scalar values.
+def apply_schedules(optimizer: torch.optim.Optimizer, step: int, cfg: RunConfig) -> dict[str, float]:
+    """Set every group's ``lr`` and ``weight_decay`` for ``step`` of the resolved run ``cfg``; returns the
+    scheduled scalar values.
 
     group lr = lr_at(step) · lr_scale · (0 for last-layer groups while frozen);
     group weight_decay = weight_decay_at(step) · wd_scale.
     """
     lr = lr_at(step, cfg)
     wd = weight_decay_at(step, cfg)
-    last_mult = last_layer_lr_multiplier(step, cfg.freeze_last_layer_steps)
+    last_mult = last_layer_lr_multiplier(step, cfg.derived.freeze_last_layer_steps)
     for group in optimizer.param_groups:
         multiplier = last_mult if group.get("is_last_layer", False) else 1.0
         group["lr"] = lr * group.get("lr_scale", 1.0) * multiplier

@@ -16,3 +16,16 @@ def _restore_environment():
     for k in set(os.environ) - set(saved):
         del os.environ[k]
     os.environ.update(saved)
+
+
+@pytest.fixture
+def fault_injection():
+    """The test fault hooks (tests/faultinject) in this process for one test; plant faults with
+    ``monkeypatch.setenv("SSL_VIL_FAULT", ...)``."""
+    import faultinject
+
+    was_installed = faultinject.installed()
+    faultinject.install()
+    yield faultinject
+    if not was_installed:
+        faultinject.uninstall()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import faultinject
 from ssl_vil.checkpoint import CheckpointManager, latest_checkpoint
 
 # Shared by the child process and the test, so the test knows exactly what each step held.
@@ -56,7 +56,7 @@ make_manager = _helpers["make_manager"]
 def run_child(tmp_path: Path, fault: str) -> subprocess.CompletedProcess:
     script = tmp_path / "save_then_die.py"
     script.write_text(CHILD_SRC)
-    env = {**os.environ, "SSL_VIL_FAULT": fault}
+    env = faultinject.child_env(fault=fault)
     return subprocess.run(
         [sys.executable, str(script), str(tmp_path / "run")],
         env=env, capture_output=True, text=True, timeout=180,

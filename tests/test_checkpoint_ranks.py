@@ -3,12 +3,13 @@ and a failed save on rank 0 does not leave the other rank hanging at the barrier
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+
+import faultinject
 
 CHILD_SRC = textwrap.dedent(
     """
@@ -49,7 +50,7 @@ CHILD_SRC = textwrap.dedent(
 def test_only_rank_zero_writes_and_barrier_orders_the_ranks(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(CHILD_SRC)
-    env = {**os.environ, "SSL_VIL_FAULT": "ckpt_write:step=10,enospc=1"}
+    env = faultinject.child_env(fault="ckpt_write:step=10,enospc=1")
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(rank), str(tmp_path / "run"), str(tmp_path / "store")],

@@ -169,7 +169,7 @@ def test_full_disk_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, two
     _assert_previous_intact(tmp_path, before, str(info.value))
 
 
-def test_enospc_fault_injection_keeps_previous_checkpoint(tmp_path, monkeypatch, two_saves):
+def test_enospc_fault_injection_keeps_previous_checkpoint(tmp_path, monkeypatch, two_saves, fault_injection):
     manager, before = two_saves
     monkeypatch.setenv("SSL_VIL_FAULT", "ckpt_write:step=15,enospc=1")
     with pytest.raises(CheckpointWriteError) as info:

@@ -200,7 +200,7 @@ def test_constructor_rejects_bad_arguments(tmp_path, kwargs, fragment):
         make_manager(tmp_path, **kwargs)
 
 
-def test_save_rejects_bad_step_metadata_and_fault_spec(tmp_path, monkeypatch):
+def test_save_rejects_bad_step_metadata_and_fault_spec(tmp_path, monkeypatch, fault_injection):
     manager = make_manager(tmp_path)
     with pytest.raises(ValueError, match="step must be"):
         manager.save(-1, {"a": {}})
@@ -220,7 +220,7 @@ def test_non_zero_rank_writes_nothing_and_waits_at_the_barrier(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_rank_zero_reaches_the_barrier_after_the_save_and_after_a_failure(tmp_path, monkeypatch):
+def test_rank_zero_reaches_the_barrier_after_the_save_and_after_a_failure(tmp_path, monkeypatch, fault_injection):
     seen = []
     ckpt_dir = tmp_path / "checkpoints"
     manager = make_manager(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import faultinject
 from cluster import submit as submit_cli
 from cluster.job import EVENTS_FILENAME
 
@@ -31,6 +32,7 @@ def test_local_executor_run_requeues_after_a_signal(tmp_path: Path, monkeypatch:
                     "train", "--maxcount", "200"], check=True, capture_output=True, timeout=300)
     run_dir = tmp_path / "run"
     monkeypatch.setenv("SSL_VIL_FAULT", "signal:step=2,rank=1")
+    monkeypatch.setenv("PYTHONPATH", faultinject.pythonpath())  # the job processes install the fault hooks
     rc = submit_cli.main([
         "--config", str(RECIPE), "--output-dir", str(run_dir), "--local", "--cpu", "--nodes", "1",
         "--gpus-per-node", "2", "--cpus-per-task", "1", "--timeout-min", "10",

@@ -36,6 +36,7 @@ from safetensors.torch import load_file
 from cluster import submit as submit_cli
 from cluster.job import EVENTS_FILENAME
 
+import faultinject
 from slurm_cluster import SlurmCluster, SlurmUnavailable, running_cluster
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -113,6 +114,7 @@ def _submit_in_process(slurm: SlurmCluster, args: list[str], fault: str | None) 
             mp.setenv(key, slurm.env[key])
         if fault:
             mp.setenv("SSL_VIL_FAULT", fault)
+            mp.setenv("PYTHONPATH", faultinject.pythonpath())  # the job's processes install the fault hooks
         else:
             mp.delenv("SSL_VIL_FAULT", raising=False)
         job = submit_cli.submit(submit_cli.prepare(args))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ssl_vil.config import ConfigError, diff_configs, load_config, to_yaml
-from ssl_vil.config.snapshot import SNAPSHOTS, pretraining_recipes, resolved_text
+from recipe_snapshots import SNAPSHOTS, pretraining_recipes, resolved_text
 
 BASE = ["schedule.total_steps=100", "optim.global_batch_size=64"]
 
@@ -31,18 +31,34 @@ BAD = [
     (["data.augment.global_size=30", "model.patch_size=4"], 1, ["data.augment.global_size", "30", "multiple of model.patch_size=4"]),
     (["data.augment.local_size=90"], 1, ["data.augment.local_size", "90", "multiple of model.patch_size=16"]),
     (["model.name=vil3_tiny"], 1, ["model.name", "'vil3_tiny'", "registered ViL model"]),
-    (["objective.name=simclr"], 1, ["objective.name", "'simclr'", "one of 'dino', 'ibot', 'dinov2'"]),
+    (["objective.name=dino"], 1, ["objective.name", "unknown key", "removed", "objective.ibot_weight"]),
+    (["optim.total_steps=5"], 1, ["optim.total_steps", "did you mean schedule.total_steps?"]),
+    (["optim.name=adamw"], 1, ["optim.name", "unknown key", "removed"]),
+    (["objective.dino_head.nlayers=2"], 1,
+     ["objective.dino_head.nlayers", "did you mean objective.dino_head.n_layers"]),
+    (["objective.dino_head.out_dim=0"], 1, ["objective.dino_head.out_dim", "0", "positive integer"]),
+    (["objective.ibot_head.batch_norm=maybe"], 1, ["objective.ibot_head.batch_norm", "'maybe'", "bool"]),
+    (["objective.dino_weight=0"], 1, ["objective.dino_weight", "0.0", "positive weight"]),
+    (["objective.ibot_weight=-1"], 1, ["objective.ibot_weight", "-1.0", "non-negative"]),
+    (["objective.ibot_weight=0", "objective.shared_head=true"], 1, ["objective.shared_head", "ibot_weight is 0"]),
+    (["objective.shared_head=true"], 1, ["objective.shared_head", "width 768", "pooling='bilateral_avg'/'avg'"]),
+    (["objective.shared_head=true", "objective.pooling=avg", "objective.ibot_head.out_dim=8"], 1,
+     ["objective.shared_head", "ibot_head null or equal to dino_head"]),
+    (["objective.pooling=bilateral"], 1, ["objective.pooling", "'bilateral'", "did you mean 'bilateral_avg'"]),
     (["checkpoint.keep_last=1"], 1, ["checkpoint.keep_last", "1", "at least 2"]),
-    (["eval.knn_k=[]"], 1, ["eval.knn_k", "[]", "non-empty list"]),
+    (["knn_monitor.k=[]"], 1, ["knn_monitor.k", "[]", "non-empty list"]),
+    (["eval.knn_k=[5]"], 1, ["eval", "renamed to knn_monitor"]),
     (["train.grad_scaler=true"], 1, ["train.grad_scaler", "unknown key"]),
     (["schedule.total_steps=null"], 1, ["schedule.total_*", "none set", "exactly one of"]),
     (["schedule.total_steps=null", "schedule.total_epochs=2"], 1, ["schedule.total_epochs", "2", "epoch size is unknown"]),
-    (["objective.mask_ratio_min=0.6"], 1, ["objective.mask_ratio_max", "0.5", "mask_ratio_min=0.6"]),
+    (["masking.mask_ratio=[0.6, 0.5]"], 1, ["masking.mask_ratio", "[0.6, 0.5]", "0 <= min <= max <= 1"]),
+    (["objective.mask_ratio_min=0.6"], 1, ["objective.mask_ratio_min", "moved to masking.mask_ratio"]),
+    (["masking.mode=blocks"], 1, ["masking.mode", "'blocks'", "did you mean 'block'"]),
     (["data.train=pipe:curl http://x/a.tar"], 1, ["data.train", "pipe:", "allow_pipe=true"]),
-    (["objective.centering=sinkorn"], 1, ["objective.centering", "'sinkorn'", "did you mean 'sinkhorn'"]),
+    (["objective.centering=sinkorn"], 1, ["objective.centering", "'sinkorn'", "did you mean 'sinkhorn_knopp'"]),
     (["optim.layer_decay=1.5"], 1, ["optim.layer_decay", "1.5", "(0, 1]"]),
     (["data.error_budget_fraction=2"], 1, ["data.error_budget_fraction", "2.0", "fraction"]),
-    (["eval.knn_every_steps=10"], 1, ["eval.knn_train", "knn_val"]),
+    (["knn_monitor.every_steps=10"], 1, ["knn_monitor.train", "knn_monitor.val"]),
     (["objective.student_temp=0"], 1, ["objective.student_temp", "0.0", "positive temperature"]),
     (["schedule.total_steps=-5"], 1, ["schedule.total_steps", "-5", "positive"]),
 ]

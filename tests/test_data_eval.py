@@ -9,7 +9,7 @@ import webdataset as wds
 
 from ssl_vil.data import build_eval_stream
 from ssl_vil.data.manifest import Manifest, ShardInfo, write_manifest
-from ssl_vil.data.synthetic import encode_png, synthetic_image, synthetic_key, write_synthetic_shards
+from synthetic_shards import encode_png, synthetic_image, synthetic_key, write_synthetic_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ssl_vil.data import COUNTER_KEYS, DataErrorBudgetExceeded, build_train_stream
 from ssl_vil.data.manifest import Manifest, ShardInfo, write_manifest
-from ssl_vil.data.synthetic import encode_png, synthetic_image, synthetic_key
+from synthetic_shards import encode_png, synthetic_image, synthetic_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vil.data.synthetic import synthetic_key, write_synthetic_shards
+from synthetic_shards import synthetic_key, write_synthetic_shards
 
 SIZES = [5, 40, 17, 3, 60, 22, 9, 31]  # 187 samples; global batch 4 -> 47 steps, one padding entry
 ALL_KEYS = {synthetic_key("syn", s, i) for s, n in enumerate(SIZES) for i in range(n)}

@@ -12,7 +12,7 @@ import torch
 
 from ssl_vil.config.errors import ConfigError
 from ssl_vil.data import DataConfigError, build_train_stream, default_collate_views, resolve_shards
-from ssl_vil.data.synthetic import synthetic_key, write_synthetic_shards
+from synthetic_shards import synthetic_key, write_synthetic_shards
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
@@ -160,7 +160,7 @@ def test_global_batches_identical_across_topologies(shard_dir):
 def test_sample_views_depend_on_key_and_epoch_only(shard_dir):
     """Same key in two epochs gets different views; recomputing a view from (seed, epoch, key) matches."""
     from ssl_vil.data.seeding import make_generator, stable_seed
-    from ssl_vil.data.synthetic import synthetic_image
+    from synthetic_shards import synthetic_image
     from PIL import Image
 
     stream = _stream(shard_dir, batch_size=16)

@@ -16,6 +16,7 @@ import torch
 from ssl_vil.config import ConfigError
 from ssl_vil.evaluation import finetune as ft
 from ssl_vil.evaluation.finetune_config import load_finetune_config
+from ssl_vil.infra.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "finetune_digits.yaml"
@@ -145,7 +146,7 @@ def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
     assert res["steps"] == 20 and res["steps_per_epoch"] == 1297 // 64
     assert res["final"]["n_val"] == 500  # every val sample exactly once
     assert res["num_classes"] == 10
-    log = ft.read_train_log(tmp_path / ft.TRAIN_LOG)
+    log = read_jsonl(tmp_path / ft.TRAIN_LOG)
     losses = [r["loss"] for r in log if "event" not in r]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     # It learns within one epoch: clearly better than chance (10 %) on val.
@@ -169,7 +170,7 @@ def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(_ft_command(digits_shards, ref_dir), check=True, env=env, cwd=REPO, capture_output=True)
-    reference = [r for r in ft.read_train_log(ref_dir / ft.TRAIN_LOG) if "event" not in r]
+    reference = [r for r in read_jsonl(ref_dir / ft.TRAIN_LOG) if "event" not in r]
     assert [r["step"] for r in reference] == list(range(1, 21))
 
     proc = subprocess.Popen(_ft_command(digits_shards, run_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
@@ -183,16 +184,16 @@ def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_log = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if "event" not in r]
+    killed_log = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if "event" not in r]
     assert 10 <= len(killed_log) < 20  # killed mid-epoch, after the step-10 checkpoint
 
     subprocess.run(_ft_command(digits_shards, run_dir), check=True, env=env, cwd=REPO, capture_output=True)
-    resumed = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if "event" not in r]
+    resumed = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if "event" not in r]
     assert [r["step"] for r in resumed] == list(range(1, 21))
     # Bitwise-equal losses and lrs for every step, before and after the resume point.
     assert [(r["loss"], r["lr"]) for r in resumed] == [(r["loss"], r["lr"]) for r in reference]
-    ref_eval = [r for r in ft.read_train_log(ref_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
-    run_eval = [r for r in ft.read_train_log(run_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
+    ref_eval = [r for r in read_jsonl(ref_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
+    run_eval = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if r.get("event") == "eval"]
     assert run_eval == ref_eval and len(ref_eval) == 1
     ref_state = torch.load(ref_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)

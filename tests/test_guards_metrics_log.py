@@ -1,4 +1,4 @@
-"""MetricsLogger (metrics.jsonl, TensorBoard, progress lines, resume truncation) and StepTimer."""
+"""MetricsLogger (metrics.jsonl, TensorBoard, progress lines, resume truncation), StepTimer and is_due."""
 
 from __future__ import annotations
 
@@ -8,13 +8,8 @@ import math
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ssl_vil.train.metrics_log import (
-    MetricsLogger,
-    StepTimer,
-    StepTiming,
-    format_duration,
-    format_progress,
-)
+from ssl_vil.infra.timing import StepTimer, StepTiming, format_duration, is_due
+from ssl_vil.train.metrics_log import MetricsLogger, format_progress
 
 
 def test_progress_line_format():
@@ -157,3 +152,11 @@ def test_reserved_keys_are_rejected(tmp_path):
             logger.log_step(1, samples_seen=1, epoch=0, losses={}, schedules={"samples_seen": 3})
         with pytest.raises(ValueError, match="'event'"):
             logger.log_event("x", event="y")
+
+
+@pytest.mark.parametrize("step, every, total, due", [
+    (10, 5, None, True), (11, 5, None, False), (11, 5, 11, True), (12, 5, 11, False),
+    (10, 0, None, False), (11, 0, 11, False), (3, -1, 3, False), (1, 1, None, True),
+])
+def test_is_due(step, every, total, due):
+    assert is_due(step, every, total_steps=total) is due

@@ -18,13 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ssl_vil.faults import ENV_VAR
-from ssl_vil.train.preemption import (
-    REQUEUE_EXIT_CODE,
-    PreemptionFlag,
-    ignore_in_worker,
-    maybe_inject_signal,
-)
+from faultinject import ENV_VAR, maybe_inject_signal
+from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag, ignore_in_worker
 
 INJECTED_STEP = 7
 MAX_STEPS = 3000

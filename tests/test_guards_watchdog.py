@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from ssl_vil.faults import ENV_VAR
-from ssl_vil.train.watchdog import HANG_EXIT_CODE, HangWatchdog, maybe_inject_sleep
+from faultinject import ENV_VAR, maybe_inject_sleep
+from ssl_vil.train.watchdog import HANG_EXIT_CODE, HangWatchdog
 
 HANG_TIMEOUT_S = 1.5
 

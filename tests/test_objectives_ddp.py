@@ -36,10 +36,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         backbone = timm.create_model(
             "vil2_tiny_patch16_224", img_size=32, patch_size=4, dim=64, depth=2, num_classes=0, mask_token=True
         )
-        from ssl_vil.objectives import build_objective
+        from ssl_vil.objectives import ObjectiveConfig, build_objective
 
-        head = DINOHeadConfig(out_dim=64, hidden_dim=64, bottleneck_dim=16, batch_norm=False)
-        obj = build_objective("dinov2", backbone, dino_head=head)
+        head = DINOHeadConfig(out_dim=64, hidden_dim=64, bottleneck_dim=16, batch_norm=False, norm_last_layer=False)
+        obj = build_objective(backbone, ObjectiveConfig(dino_head=head))
         obj.wrap_student(lambda m: DDP(m))
         for (name, t), s in zip(obj.teacher.named_parameters(), obj.student.parameters()):
             assert torch.equal(t, s), f"rank {rank}: teacher {name} differs from the broadcast student"

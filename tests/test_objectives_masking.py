@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from ssl_vil.config import ConfigError
 from ssl_vil.masking import (
     BlockMaskGenerator,
+    MaskingConfig,
     MultiCropMaskCollate,
     _UniformStream,
     mask_index_buffers,
@@ -143,3 +145,17 @@ def test_index_buffer_rejects_too_small_bound():
     masks[0, :3] = True
     with pytest.raises(ValueError, match="exceed"):
         mask_index_buffers(masks, upper_bound=2)
+
+
+def test_collate_from_config_equals_keyword_construction():
+    cfg = MaskingConfig(mask_probability=0.75, mask_ratio=(0.2, 0.4), mode="random", min_num_patches=2)
+    from_cfg = MultiCropMaskCollate.from_config((8, 8), 2, 3, cfg)
+    direct = MultiCropMaskCollate((8, 8), 2, 3, mask_probability=0.75, mask_ratio=(0.2, 0.4), mode="random",
+                                  min_num_patches=2)
+    a = from_cfg(_samples(4), torch.Generator().manual_seed(3))
+    b = direct(_samples(4), torch.Generator().manual_seed(3))
+    assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["mask_indices"], b["mask_indices"])
+    with pytest.raises(ConfigError, match=r"^mask_ratio: got \[0.6, 0.5\], expected \[min, max\]"):
+        MaskingConfig(mask_ratio=(0.6, 0.5))
+    with pytest.raises(ConfigError, match="^mode: got 'blocks'.*did you mean 'block'"):
+        MaskingConfig(mode="blocks")

@@ -14,12 +14,19 @@ import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.augment import build_multicrop
 from ssl_vil.heads import DINOHeadConfig
 from ssl_vil.masking import MultiCropMaskCollate
-from ssl_vil.objectives import build_objective, default_config
-from ssl_vil.schedules import ScheduleConfig, apply_schedules, build_param_groups
+from ssl_vil.config import ConfigError, load_config
+from ssl_vil.objectives import ObjectiveConfig, build_objective
+from ssl_vil.schedules import apply_schedules, build_param_groups
 
 K = 256
-HEAD = DINOHeadConfig(out_dim=K, hidden_dim=128, bottleneck_dim=32, batch_norm=True)
-HEAD_NO_BN = DINOHeadConfig(out_dim=K, hidden_dim=128, bottleneck_dim=32, batch_norm=False)
+HEAD = DINOHeadConfig(out_dim=K, hidden_dim=128, bottleneck_dim=32, batch_norm=True, norm_last_layer=False)
+HEAD_NO_BN = DINOHeadConfig(out_dim=K, hidden_dim=128, bottleneck_dim=32, batch_norm=False, norm_last_layer=False)
+# The methods are loss weights of the one objective (DINOv2 = the ObjectiveConfig defaults).
+PRESETS = {"dino": {"ibot_weight": 0.0, "koleo_weight": 0.0}, "ibot": {"koleo_weight": 0.0}, "dinov2": {}}
+
+
+def _objective(backbone, method: str = "dinov2", **kw):
+    return build_objective(backbone, ObjectiveConfig(**PRESETS[method], **kw))
 
 
 def _backbone(seed: int = 0, **kw):
@@ -66,12 +73,13 @@ def _assert_every_trainable_parameter_has_a_gradient(module: torch.nn.Module) ->
 
 def test_dinov2_tiny_vil_trains_50_steps():
     torch.set_num_threads(1)
-    obj = build_objective("dinov2", _backbone(), dino_head=HEAD)
+    obj = _objective(_backbone(), dino_head=HEAD)
     obj.train()
-    cfg = ScheduleConfig(
-        total_steps=50, base_lr=2e-3, final_lr=1e-5, warmup_steps=5, momentum_start=0.95,
-        teacher_temp_start=0.04, teacher_temp_end=0.04, weight_decay_start=0.04, weight_decay_end=0.1,
-    )
+    cfg = load_config(world_size=1, overrides=[
+        "schedule.total_steps=50", "optim.lr=2e-3", "optim.lr_scaling=none", "optim.min_lr=1e-5",
+        "schedule.warmup_steps=5", "optim.momentum_start=0.95", "objective.warmup_teacher_temp=0.04",
+        "objective.teacher_temp=0.04", "optim.weight_decay=0.04", "optim.weight_decay_end=0.1",
+    ])
     optimizer = torch.optim.AdamW(build_param_groups(obj.student, layer_decay=0.9, patch_embed_lr_mult=0.2))
     batches = _batches(6, 8)
     teacher_init = {n: p.clone() for n, p in obj.teacher.named_parameters()}
@@ -109,7 +117,7 @@ def _teacher_logits(obj, batch):
 
 def test_centers_move_once_per_optimizer_step_under_4_way_accumulation():
     torch.set_num_threads(1)
-    obj = build_objective("dinov2", _backbone(), dino_head=HEAD, center_momentum=0.8)
+    obj = _objective(_backbone(), dino_head=HEAD, center_momentum=0.8)
     optimizer = torch.optim.SGD([p for p in obj.student.parameters() if p.requires_grad], lr=0.01)
     micro_batches = _batches(4, 4, seed=1)
     expected_dino = torch.zeros(K, dtype=torch.float64)
@@ -143,7 +151,7 @@ def test_centers_move_once_per_optimizer_step_under_4_way_accumulation():
 
 def test_state_dict_holds_all_state_and_restores_outputs():
     batch = _batches(1, 4, seed=2)[0]
-    a = build_objective("dinov2", _backbone(0), dino_head=HEAD)
+    a = _objective(_backbone(0), dino_head=HEAD)
     a(batch, teacher_temp=0.04)
     a.update_teacher(0.5)
     a.commit_step()
@@ -153,7 +161,7 @@ def test_state_dict_holds_all_state_and_restores_outputs():
         assert key in state, key
     assert any(k.startswith("teacher.backbone.") for k in state)
     assert any(k.startswith("student.ibot_head.") for k in state)
-    b = build_objective("dinov2", _backbone(1), dino_head=HEAD)
+    b = _objective(_backbone(1), dino_head=HEAD)
     b.load_state_dict(state, strict=True)
     for k, v in b.state_dict().items():
         assert torch.equal(v, state[k]), k
@@ -165,7 +173,7 @@ def test_static_index_buffers_equal_trimmed_buffers():
     batch = _batches(1, 6, seed=3)[0]
     n = int(batch["n_masked"])
     assert batch["mask_indices"].shape[0] > n  # padding present
-    obj = build_objective("dinov2", _backbone(), dino_head=HEAD_NO_BN)
+    obj = _objective(_backbone(), dino_head=HEAD_NO_BN)
     padded = obj(batch, teacher_temp=0.05)
     trimmed_batch = dict(batch, mask_indices=batch["mask_indices"][:n], mask_weights=batch["mask_weights"][:n])
     trimmed = obj(trimmed_batch, teacher_temp=0.05)
@@ -177,7 +185,7 @@ def test_static_index_buffers_equal_trimmed_buffers():
 
 @pytest.mark.parametrize("name", ["dino", "ibot"])
 def test_dino_and_ibot_objectives(name):
-    obj = build_objective(name, _backbone(), dino_head=HEAD)
+    obj = _objective(_backbone(), name, dino_head=HEAD)
     batch = _batches(1, 4, seed=4)[0]
     out = obj(batch, teacher_temp=0.04)
     out["loss"].backward()
@@ -195,40 +203,52 @@ def test_dino_and_ibot_objectives(name):
 
 def test_shared_head_and_sinkhorn_variants():
     with pytest.raises(ValueError, match="shared DINO/iBOT head needs equal input widths"):
-        build_objective("dinov2", _backbone(), dino_head=HEAD, shared_head=True)
-    shared = build_objective("dinov2", _backbone(), dino_head=HEAD, shared_head=True, pooling="bilateral_avg")
+        _objective(_backbone(), dino_head=HEAD, shared_head=True)
+    shared = _objective(_backbone(), dino_head=HEAD, shared_head=True, pooling="bilateral_avg")
     assert shared.student.ibot_head is None and shared.student.patch_head is shared.student.dino_head
     batch = _batches(1, 4, seed=5)[0]
     out = shared(batch, teacher_temp=0.04)
     out["loss"].backward()
     _assert_every_trainable_parameter_has_a_gradient(shared.student)
-    sk = build_objective("dinov2", _backbone(), dino_head=HEAD, centering="sinkhorn_knopp")
+    sk = _objective(_backbone(), dino_head=HEAD, centering="sinkhorn_knopp")
     assert not any("center" in k for k in sk.state_dict())
     out = sk(batch, teacher_temp=0.04)
     assert torch.isfinite(out["loss"]) and out["center_norm"].item() == 0.0 and out["ibot"].item() > 0
 
 
 def test_teacher_backbone_runs_in_eval_mode():
-    obj = build_objective("dinov2", _backbone(drop_path_rate=0.5), dino_head=HEAD)
+    obj = _objective(_backbone(drop_path_rate=0.5), dino_head=HEAD)
     obj.train()
     assert obj.student.backbone.training and obj.teacher.dino_head.training
     assert not obj.teacher.backbone.training and not any(m.training for m in obj.teacher.backbone.modules())
 
 
 def test_build_objective_errors():
-    with pytest.raises(ValueError, match="unknown objective 'byol'"):
-        build_objective("byol", _backbone())
-    with pytest.raises(ValueError, match="DINO objective has no patch"):
-        build_objective("dino", _backbone(), cfg=default_config("ibot"))
     with pytest.raises(ValueError, match="mask token"):
-        build_objective("ibot", _backbone(mask_token=False))
-    with pytest.raises(ValueError, match="centering"):
-        build_objective("dinov2", _backbone(), centering="mean")
+        _objective(_backbone(mask_token=False), "ibot", dino_head=HEAD)
+    _objective(_backbone(mask_token=False), "dino", dino_head=HEAD)  # no masked-patch loss: no mask token needed
+
+
+def test_objective_config_checks_itself():
+    with pytest.raises(ConfigError, match=r"^centering: got 'mean', expected one of 'ema', 'sinkhorn_knopp'"):
+        ObjectiveConfig(centering="mean")
+    with pytest.raises(ConfigError, match="^dino_weight: got 0.0, expected a positive weight"):
+        ObjectiveConfig(dino_weight=0.0)
+    with pytest.raises(ConfigError, match="^koleo_weight: got -0.1, expected a non-negative loss weight"):
+        ObjectiveConfig(koleo_weight=-0.1)
+    with pytest.raises(ConfigError, match="^shared_head: got True, expected false when ibot_weight is 0"):
+        ObjectiveConfig(shared_head=True, **PRESETS["dino"])
+    with pytest.raises(ConfigError, match="^out_dim: got 0, expected a positive integer"):
+        DINOHeadConfig(out_dim=0)
+    with pytest.raises(ConfigError, match="^pooling: got 'cls'"):
+        ObjectiveConfig(pooling="cls")
+    cfg = ObjectiveConfig(koleo_weight=0)  # ints are accepted for float fields and stored as floats
+    assert isinstance(cfg.koleo_weight, float) and cfg.uses_ibot and not cfg.uses_koleo
 
 
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
 def test_outputs_are_fp32_under_bf16_autocast(centering):
-    obj = build_objective("dinov2", _backbone(), dino_head=HEAD_NO_BN, centering=centering)
+    obj = _objective(_backbone(), dino_head=HEAD_NO_BN, centering=centering)
     batch = _batches(1, 4, seed=6)[0]
     reference = obj(batch, teacher_temp=0.04)
     with torch.autocast("cpu", dtype=torch.bfloat16):

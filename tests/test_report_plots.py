@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ssl_vil.infra.timing import StepTiming
 from ssl_vil.report import main
-from ssl_vil.train.metrics_log import MetricsLogger, StepTiming
+from ssl_vil.train.metrics_log import MetricsLogger
 
 ALL_PLOTS = ["knn.png", "losses.png", "schedules.png", "teacher_entropy.png", "throughput.png"]
 

@@ -8,9 +8,9 @@ import torch
 
 import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.heads import DINOHeadConfig
-from ssl_vil.objectives import build_objective
+from ssl_vil.config import load_config
+from ssl_vil.objectives import ObjectiveConfig, build_objective
 from ssl_vil.schedules import (
-    ScheduleConfig,
     apply_schedules,
     build_param_groups,
     layer_decay_scales,
@@ -26,8 +26,8 @@ def _objective():
     backbone = timm.create_model(
         "vil2_tiny_patch16_224", img_size=32, patch_size=4, dim=64, depth=DEPTH, num_classes=0, mask_token=True
     )
-    head = DINOHeadConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, batch_norm=True)
-    return build_objective("dinov2", backbone, dino_head=head)
+    head = DINOHeadConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, batch_norm=True, norm_last_layer=False)
+    return build_objective(backbone, ObjectiveConfig(dino_head=head))
 
 
 def _scale_of(groups):
@@ -79,7 +79,8 @@ def test_apply_schedules_sets_group_lr_and_wd():
     obj = _objective()
     groups = build_param_groups(obj.student, layer_decay=0.9, patch_embed_lr_mult=0.2)
     optimizer = torch.optim.AdamW(groups, lr=0.0)
-    cfg = ScheduleConfig(total_steps=100, base_lr=1e-3, warmup_steps=10, freeze_last_layer_steps=5)
+    cfg = load_config(overrides=["schedule.total_steps=100", "optim.lr=1e-3", "optim.lr_scaling=none",
+                                 "schedule.warmup_steps=10", "schedule.freeze_last_layer_steps=5"], world_size=1)
     for step in (0, 4, 5, 50):
         values = apply_schedules(optimizer, step, cfg)
         assert values["lr"] == lr_at(step, cfg) and values["weight_decay"] == weight_decay_at(step, cfg)

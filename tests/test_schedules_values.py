@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from ssl_vil.config import ConfigError, load_config
+from ssl_vil.backbones.drop_path import drop_path_rates
 from ssl_vil.schedules import (
-    ScheduleConfig,
-    drop_path_rates,
     ema_momentum_at,
     last_layer_lr_multiplier,
     lr_at,
@@ -18,21 +18,13 @@ from ssl_vil.schedules import (
     warmup_cosine,
 )
 
-CFG = ScheduleConfig(
-    total_steps=1000,
-    base_lr=4e-3,
-    final_lr=1e-6,
-    warmup_steps=100,
-    warmup_start_lr=0.0,
-    weight_decay_start=0.04,
-    weight_decay_end=0.4,
-    momentum_start=0.992,
-    momentum_end=1.0,
-    teacher_temp_start=0.04,
-    teacher_temp_end=0.07,
-    teacher_temp_warmup_steps=300,
-    freeze_last_layer_steps=50,
-)
+# A resolved run config: the schedules read its steps from ``derived`` and their values from optim / objective.
+CFG = load_config(world_size=1, overrides=[
+    "schedule.total_steps=1000", "optim.lr=4e-3", "optim.lr_scaling=none", "optim.min_lr=1e-6",
+    "schedule.warmup_steps=100", "optim.weight_decay=0.04", "optim.weight_decay_end=0.4", "optim.momentum_start=0.992",
+    "optim.momentum_end=1.0", "objective.warmup_teacher_temp=0.04", "objective.teacher_temp=0.07",
+    "schedule.teacher_temp_warmup_steps=300", "schedule.freeze_last_layer_steps=50",
+])
 
 
 @pytest.mark.parametrize(
@@ -65,7 +57,8 @@ def test_weight_decay_and_momentum_cosines(step):
 )
 def test_teacher_temperature_warmup(step, expected):
     assert teacher_temp_at(step, CFG) == pytest.approx(expected, rel=1e-12)
-    assert teacher_temp_at(step, ScheduleConfig(total_steps=10, base_lr=1.0)) == 0.07  # no warmup: constant
+    no_warmup = load_config(overrides=["schedule.total_steps=10"], world_size=1)
+    assert teacher_temp_at(step, no_warmup) == 0.07  # no warmup: constant
 
 
 def test_last_layer_frozen_for_first_steps():
@@ -92,7 +85,7 @@ def test_schedules_are_pure():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="warmup_steps .* exceeds total_steps"):
-        ScheduleConfig(total_steps=10, base_lr=1.0, warmup_steps=11)
-    with pytest.raises(ValueError, match="total_steps"):
-        ScheduleConfig(total_steps=0, base_lr=1.0)
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps: got 11, expected at most the run length \(10 "):
+        load_config(overrides=["schedule.total_steps=10", "schedule.warmup_steps=11"], world_size=1)
+    with pytest.raises(ConfigError, match="schedule.total_steps: got 0, expected a positive number"):
+        load_config(overrides=["schedule.total_steps=0"], world_size=1)

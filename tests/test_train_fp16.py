@@ -23,7 +23,7 @@ def _skips(run) -> dict[int, dict]:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("event") == "step_skipped":
-            out[rec["step"]] = rec
+            out[rec["step"]] = {k: v for k, v in rec.items() if k != "time_s"}
     return out
 
 

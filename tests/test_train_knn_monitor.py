@@ -13,8 +13,8 @@ def test_knn_monitor_logs_and_does_not_perturb_training(tmp_path):
     write_shards(tmp_path / "train", n_shards=2, per_shard=40)
     write_shards(tmp_path / "val", n_shards=1, per_shard=30)
     base = tiny_overrides(tmp_path / "train", total_steps=10, workers=1)
-    monitored = base + ["eval.knn_every_steps=5", f"eval.knn_train={tmp_path / 'train'}",
-                        f"eval.knn_val={tmp_path / 'val'}", "eval.knn_k=[5,20]", "eval.knn_batch_size=32"]
+    monitored = base + ["knn_monitor.every_steps=5", f"knn_monitor.train={tmp_path / 'train'}",
+                        f"knn_monitor.val={tmp_path / 'val'}", "knn_monitor.k=[5,20]", "knn_monitor.batch_size=32"]
     plain, mon = tmp_path / "plain", tmp_path / "mon"
     assert run_training(plain, base) == [0], logs(plain)
     assert run_training(mon, monitored) == [0], logs(mon)

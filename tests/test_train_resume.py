@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ssl_vil.checkpoint import latest_checkpoint
-from ssl_vil.train.key_log import read_key_log
+from faultinject import read_key_log
 from trainer_harness import (assert_tree_equal, final_payload, launch, logs, losses, run_training, tiny_overrides,
                              wait_all, write_shards)
 

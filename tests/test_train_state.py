@@ -11,9 +11,10 @@ from ssl_vil.config import ConfigError, load_config
 from ssl_vil.train.build import build_optimizer, build_ssl_objective
 from ssl_vil.train.run_dir import prepare_run_dir
 
-TINY = ["data.train=unused", "schedule.total_steps=10", "optim.global_batch_size=8", "objective.name=dinov2",
-        "objective.dino_head.out_dim=64", "objective.ibot_head.out_dim=64", "objective.dino_head.hidden_dim=32",
-        "objective.ibot_head.hidden_dim=32", "schedule.freeze_last_layer_steps=1", "schedule.warmup_steps=1"]
+TINY = ["data.train=unused", "schedule.total_steps=10", "optim.global_batch_size=8", "objective.ibot_weight=1",
+        "objective.koleo_weight=0.1", "objective.dino_head.out_dim=64", "objective.ibot_head.out_dim=64",
+        "objective.dino_head.hidden_dim=32", "objective.ibot_head.hidden_dim=32", "schedule.freeze_last_layer_steps=1",
+        "schedule.warmup_steps=1"]
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_digits.yaml"
 
 

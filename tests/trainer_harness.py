@@ -15,6 +15,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+import faultinject
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo_digits.yaml"
 
@@ -36,17 +38,27 @@ def write_shards(out: Path, n_shards: int = 6, per_shard: int = 24, size: int = 
     return keys
 
 
+# Loss weights (dino, ibot, koleo) of the three methods, as the recipes state them.
+OBJECTIVE_WEIGHTS = {"dino": (1.0, 0.0, 0.0), "ibot": (1.0, 1.0, 0.0), "dinov2": (1.0, 1.0, 0.1)}
+
+
+def objective_overrides(objective: str) -> list[str]:
+    """``objective.*_weight`` overrides that make a run DINO, iBOT or DINOv2."""
+    dino, ibot, koleo = OBJECTIVE_WEIGHTS[objective]
+    return [f"objective.dino_weight={dino}", f"objective.ibot_weight={ibot}", f"objective.koleo_weight={koleo}"]
+
+
 def tiny_overrides(shards: Path, *, total_steps: int = 40, batch: int = 8, objective: str = "dinov2",
                    workers: int = 2) -> list[str]:
     """The reliability-test setup: tiny ViL2 (dim 64, depth 2, patch 4, 32 px), 2 global + 2 local crops, K = 256."""
     return [
-        f"data.train={shards}", f"objective.name={objective}", "objective.dino_head.out_dim=256",
+        f"data.train={shards}", *objective_overrides(objective), "objective.dino_head.out_dim=256",
         "objective.dino_head.hidden_dim=128", "objective.dino_head.bottleneck_dim=32",
         "objective.ibot_head.out_dim=256", "objective.ibot_head.hidden_dim=128", "objective.ibot_head.bottleneck_dim=32",
         "data.augment.n_local=2", f"data.num_workers={workers}", "data.shuffle_window_samples=16",
         f"optim.global_batch_size={batch}", f"schedule.total_steps={total_steps}", "schedule.warmup_steps=4",
         "schedule.freeze_last_layer_steps=2", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
-        "logging.log_every_steps=10", "logging.keys_log=true", "logging.tensorboard=false",
+        "logging.log_every_steps=10", "logging.tensorboard=false",
         "guards.spike_detection=false",
     ]
 
@@ -58,16 +70,17 @@ def free_port() -> int:
 
 
 def launch(run_dir: Path, overrides: list[str], *, world_size: int = 1, fault: str | None = None,
-           extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start ``world_size`` real trainer processes (gloo on CPU) for ``run_dir``."""
+           extra_env: dict[str, str] | None = None, keys_log: bool = True) -> list[subprocess.Popen]:
+    """Start ``world_size`` real trainer processes (gloo on CPU) for ``run_dir``, with the test fault hooks
+    (tests/faultinject): ``fault`` is the ``SSL_VIL_FAULT`` spec; ``keys_log`` writes ``RUN/keys/rank{r}.jsonl``."""
     port = free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-        env.pop("SSL_VIL_FAULT", None)
-        if fault:
-            env["SSL_VIL_FAULT"] = fault
+        env.pop(faultinject.ENV_VAR, None)
+        env.pop(faultinject.KEYLOG_VAR, None)
+        env = faultinject.child_env(env, fault=fault or None, keys_dir=run_dir / "keys" if keys_log else None)
         env.update(extra_env or {})
         log = open(run_dir.parent / f"{run_dir.name}.rank{rank}.log", "ab")
         procs.append(subprocess.Popen(

@@ -2,10 +2,11 @@
 
 from ssl_vil.augment.digits import DigitsMultiCrop, DigitsMultiCropConfig, DigitsParams, DigitsViewParams
 from ssl_vil.augment.multicrop import MultiCropConfig, MultiCropParams, MultiCropTransform, ViewParams
-from ssl_vil.augment.presets import PRESETS, MultiCrop, build_multicrop
+from ssl_vil.augment.presets import PRESETS, AugmentConfig, MultiCrop, build_multicrop, multicrop_from_config
 
 __all__ = [
     "PRESETS",
+    "AugmentConfig",
     "DigitsMultiCrop",
     "DigitsMultiCropConfig",
     "DigitsParams",
@@ -16,4 +17,5 @@ __all__ = [
     "MultiCropTransform",
     "ViewParams",
     "build_multicrop",
+    "multicrop_from_config",
 ]

@@ -37,3 +37,13 @@ class ResidualDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def drop_path_rates(depth: int, rate: float, mode: str = "uniform") -> list[float]:
+    """Per-block drop-path rates: ``uniform`` (every block ``rate``) or ``linear`` (0 -> ``rate`` over the blocks;
+    a single block gets ``rate``)."""
+    if mode == "uniform":
+        return [rate] * depth
+    if mode == "linear":
+        return [rate * i / (depth - 1) if depth > 1 else rate for i in range(depth)]
+    raise ValueError(f"drop-path mode must be 'uniform' or 'linear', got {mode!r}")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssl_vil.backbones.drop_path import drop_path_rates
 from ssl_vil.backbones.embed import PatchEmbed, PosEmbed2d, to_2tuple
 from ssl_vil.backbones.mlstm_cell import check_backend
 from ssl_vil.backbones.norms import ResidualLayerNorm
@@ -285,7 +286,7 @@ class VisionLSTM2(_VisionLSTMBase):
     Block pair = top-left -> bottom-right sub-block, then the reversed one; depthwise 3x3 conv on the grid;
     biases in projections and norms. Default pooling: bilateral concat (official "bilateral_flatten").
 
-    Args (besides the base's): depth, drop_path_rate, drop_path_decay (linspace over pairs), legacy_norm
+    Args (besides the base's): depth, drop_path_rate, drop_path_decay (linear ramp over pairs), legacy_norm
     (pre-head LayerNorm, needed by every released checkpoint), init_weights ("original": proj_down init with
     num_blocks=1 as trained; "original-fixed": num_blocks = 2 * depth).
     """
@@ -329,7 +330,7 @@ class VisionLSTM2(_VisionLSTMBase):
         self.depth = depth
         self.init_weights = init_weights
         proj_down_blocks = 1 if init_weights == "original" else 2 * depth
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if drop_path_decay else [drop_path_rate] * depth
+        rates = drop_path_rates(depth, drop_path_rate, "linear" if drop_path_decay else "uniform")
         self.blocks = nn.ModuleList(
             ViLBlockPair(dim, drop_path=rate, bias=True, conv_kind="2d", proj_down_blocks=proj_down_blocks,
                          backend=mlstm_backend, chunk_size=mlstm_chunk_size)
@@ -383,7 +384,7 @@ class VisionLSTM(_VisionLSTMBase):
         self.depth = depth
         self.init_weights = init_weights
         proj_down_blocks = 1 if init_weights == "original" else depth
-        rates = torch.linspace(0, drop_path_rate, depth).tolist() if drop_path_decay else [drop_path_rate] * depth
+        rates = drop_path_rates(depth, drop_path_rate, "linear" if drop_path_decay else "uniform")
         self.blocks = nn.ModuleList(
             ViLBlock(dim, drop_path=rate, bias=False, flip=index % 2 == 1, conv_kind="causal1d",
                      proj_down_blocks=proj_down_blocks, backend=mlstm_backend, chunk_size=mlstm_chunk_size)

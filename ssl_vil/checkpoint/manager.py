@@ -15,17 +15,14 @@ import json
 import logging
 import os
 import shutil
-import signal
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
-from ssl_vil.checkpoint.durable_io import fsync_dir, replace_file_durably, write_file_durably
 from ssl_vil.checkpoint.errors import CheckpointError, CheckpointVerificationError, CheckpointWriteError
 from ssl_vil.checkpoint.layout import (
     ENTRY_NAME_RE,
@@ -47,14 +44,13 @@ from ssl_vil.checkpoint.manifest import (
 )
 from ssl_vil.checkpoint.payload import check_weights_only_safe, deserialize, serialize
 from ssl_vil.checkpoint.retention import plan_retention
-from ssl_vil.faults import fault_matches
+from ssl_vil.infra.files import fsync_dir, is_temp_name, write_file_durably, write_text_atomic
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that mean "the disk (or the user's quota) is full"; both are routine on shared cluster storage.
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_FAULT_KEYS = {"step", "steps", "rank", "kill_after_fraction", "kill_before_latest", "enospc"}
 
 
 @dataclass(frozen=True)
@@ -65,63 +61,6 @@ class LoadedCheckpoint:
     path: Path
     payload: dict[str, Any]
     manifest: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class _WriteFault:
-    """``SSL_VIL_FAULT=ckpt_write:...`` arguments for the save in progress (all off when not planted)."""
-
-    kill_after_fraction: float | None = None
-    kill_before_latest: bool = False
-    enospc: bool = False
-
-    @classmethod
-    def from_args(cls, args: dict[str, str] | None) -> _WriteFault:
-        if args is None:
-            return cls()
-        unknown = set(args) - _FAULT_KEYS
-        if unknown:
-            raise ValueError(
-                f"SSL_VIL_FAULT ckpt_write: unknown keys {sorted(unknown)}; known: {sorted(_FAULT_KEYS)}"
-            )
-        fraction = float(args["kill_after_fraction"]) if "kill_after_fraction" in args else None
-        if fraction is not None and not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"SSL_VIL_FAULT ckpt_write: kill_after_fraction must be in [0, 1], got {fraction}")
-        return cls(
-            kill_after_fraction=fraction,
-            kill_before_latest=args.get("kill_before_latest", "0") not in ("0", ""),
-            enospc=args.get("enospc", "0") not in ("0", ""),
-        )
-
-
-def _kill_self(reason: str) -> NoReturn:
-    """Die the way a preempted or OOM-killed node does: SIGKILL, no cleanup, no ``finally`` blocks."""
-    logger.warning("fault injection (SSL_VIL_FAULT): %s; sending SIGKILL to pid %d", reason, os.getpid())
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-    raise AssertionError("unreachable: SIGKILL did not terminate the process")
-
-
-class _ByteBudget:
-    """``before_chunk`` hook for :func:`write_file_durably`: lets ``fraction * total`` payload bytes through,
-    then fires the planted fault (SIGKILL, or ``ENOSPC`` at half the payload when only ``enospc=1``)."""
-
-    def __init__(self, fault: _WriteFault, *, step: int, tmp: Path, total: int) -> None:
-        fraction = fault.kill_after_fraction if fault.kill_after_fraction is not None else 0.5
-        self.fault, self.step, self.tmp, self.total = fault, step, tmp, total
-        self.limit = int(total * fraction)
-        self.written = 0
-
-    def __call__(self, n: int) -> int:
-        if self.written >= self.limit:
-            if self.fault.enospc:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{self.tmp} (SSL_VIL_FAULT)")
-            _kill_self(f"checkpoint step {self.step} after {self.written} of {self.total} payload bytes")
-        n = min(n, self.limit - self.written)
-        self.written += n
-        return n
 
 
 def _folder_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
@@ -262,7 +201,6 @@ class CheckpointManager:
             json.dumps(metadata, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"checkpoint metadata must be plain JSON data: {exc}") from exc
-        fault = _WriteFault.from_args(fault_matches("ckpt_write", step=step, rank=self.rank))
         started = time.perf_counter()
 
         if not self.checkpoint_dir.is_dir():
@@ -272,7 +210,7 @@ class CheckpointManager:
         tmp = self.checkpoint_dir / f"{TEMP_PREFIX}{final.name}-{os.getpid()}"
         try:
             tmp.mkdir()
-            files = self._write_payload(tmp, step, entries, fault)
+            files = self._write_payload(tmp, entries)
             manifest = build_manifest(
                 step=step, config_hash=self.config_hash, git_sha=self.git_sha, world_size=self.world_size,
                 files=files, metadata=metadata,
@@ -292,10 +230,8 @@ class CheckpointManager:
             raise
         self._verified[final.name] = _folder_signature(final)
 
-        if fault.kill_before_latest:
-            _kill_self(f"checkpoint step {step} renamed into place, {LATEST_NAME} not yet updated")
         try:
-            replace_file_durably(self.checkpoint_dir / LATEST_NAME, final.name + "\n")
+            write_text_atomic(self.checkpoint_dir / LATEST_NAME, final.name + "\n")
         except OSError as exc:
             raise self._write_error(step, exc) from exc
         self._apply_retention(step)
@@ -317,23 +253,14 @@ class CheckpointManager:
             check_weights_only_safe(obj, f"payload[{name!r}]")
         return list(payload.items())
 
-    def _write_payload(
-        self, tmp: Path, step: int, entries: list[tuple[str, Any]], fault: _WriteFault
-    ) -> dict[str, tuple[str, int]]:
+    def _write_payload(self, tmp: Path, entries: list[tuple[str, Any]]) -> dict[str, tuple[str, int]]:
         """Serialize and durably write each entry; returns ``{file_name: (sha256, size_bytes)}``."""
-        blobs: Any = ((name, serialize(obj)) for name, obj in entries)  # one entry in memory at a time
-        budget = None
-        if fault.kill_after_fraction is not None or fault.enospc:
-            # Faults fire at a byte position of the whole payload, so its total size must be known first.
-            blobs = list(blobs)
-            budget = _ByteBudget(fault, step=step, tmp=tmp, total=sum(len(data) for _, data in blobs))
         files: dict[str, tuple[str, int]] = {}
-        for name, data in blobs:
+        for name, obj in entries:
+            data = serialize(obj)  # one entry in memory at a time
             file_name = name + PAYLOAD_SUFFIX
-            write_file_durably(tmp / file_name, data, before_chunk=budget)
+            write_file_durably(tmp / file_name, data)
             files[file_name] = (hashlib.sha256(data).hexdigest(), len(data))
-        if budget is not None:
-            budget(0)  # a budget that ends exactly at the last byte still fires before the manifest
         return files
 
     def _move_into_place(self, tmp: Path, final: Path) -> None:
@@ -378,9 +305,10 @@ class CheckpointManager:
             logger.warning("could not remove %s (%s); the next save retries", path, exc)
 
     def _remove_orphans(self) -> None:
-        """Remove ``.tmp-*`` leftovers of saves or purges that were killed (or failed to clean up)."""
+        """Remove ``.tmp-*`` leftovers of saves or purges, and atomic-write temporaries, of writers that were killed
+        (or failed to clean up)."""
         for entry in self.checkpoint_dir.iterdir():
-            if entry.name.startswith(TEMP_PREFIX):
+            if entry.name.startswith(TEMP_PREFIX) or is_temp_name(entry.name):
                 logger.info("removing %s left by an interrupted save", entry)
                 self._discard(entry)
 

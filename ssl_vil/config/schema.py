@@ -1,21 +1,45 @@
-"""Typed schema of a pretraining run.
+"""Typed schema of a pretraining run: the components' own config classes, composed.
 
-A run config is ``defaults <- recipe YAML <- CLI key.sub=value overrides``. Every field has a type the loader
-checks; unknown keys are rejected with a did-you-mean. Durations carry their unit in the name and exactly one unit
-per duration is set (``total_steps`` | ``total_samples`` | ``total_epochs``); the loader converts them once to steps
-and records the result in :class:`DerivedConfig`, which is what the trainer reads.
+A run config is ``defaults <- recipe YAML <- CLI key.sub=value overrides`` (:mod:`ssl_vil.config.engine`). Each
+section is the config class of the component that reads it:
+
+    model        ModelConfig (here; the timm constructor arguments of the backbone)
+    objective    ssl_vil.objectives.self_distillation.ObjectiveConfig (heads: ssl_vil.heads.DINOHeadConfig)
+    masking      ssl_vil.masking.MaskingConfig
+    data         DataConfig (here; the shard stream), data.augment: ssl_vil.augment.presets.AugmentConfig
+    optim        OptimConfig (here; AdamW and the values its schedules move between)
+    schedule     ssl_vil.schedules.ScheduleConfig
+    checkpoint   ssl_vil.checkpoint.config.CheckpointConfig
+    guards       ssl_vil.train.config.GuardConfig
+    knn_monitor  ssl_vil.train.config.KnnMonitorConfig
+    logging, dist, train   here (the trainer's process settings)
+    derived      DerivedConfig: resolved once by the loader (never set by hand)
+
+Every field has a type the engine checks; unknown keys are rejected with a did-you-mean; each class checks its own
+fields and :meth:`RunConfig.validate` the few checks across sections. Durations carry their unit in the name and
+exactly one unit per duration is set (``total_steps`` | ``total_samples`` | ``total_epochs``); the loader converts
+them once to steps and records the result in :class:`DerivedConfig`, which is what the trainer reads.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Literal
 
-Pooling = Literal["bilateral_concat", "bilateral_avg", "avg"]
+from ssl_vil.augment.presets import AugmentConfig
+from ssl_vil.backbones.pooling import pooled_dim
+from ssl_vil.checkpoint.config import CheckpointConfig
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import ConfigError, invalid
+from ssl_vil.masking import MaskingConfig
+from ssl_vil.objectives.self_distillation import ObjectiveConfig
+from ssl_vil.schedules import ScheduleConfig
+from ssl_vil.train.config import GuardConfig, KnnMonitorConfig
 
 
-@dataclass(kw_only=True)
-class ModelConfig:
+@dataclass(kw_only=True, slots=True)
+class ModelConfig(Config):
     """The ViL backbone: a registered timm model name plus constructor overrides."""
 
     name: str = "vil2_small_patch16_224"
@@ -26,60 +50,25 @@ class ModelConfig:
     mlstm_backend: Literal["auto", "parallel", "chunkwise"] = "auto"
     grad_checkpointing: bool = False
 
-
-@dataclass(kw_only=True)
-class HeadConfig:
-    """DINO-style projection head: MLP -> L2-normalised bottleneck -> weight-normed prototypes."""
-
-    out_dim: int = 65536  # K prototypes
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    batchnorm: bool = False
-    norm_last_layer: bool = True
-
-
-@dataclass(kw_only=True)
-class ObjectiveConfig:
-    """Self-distillation objective: DINO, iBOT or DINOv2 (= DINO + iBOT + KoLeo)."""
-
-    name: Literal["dino", "ibot", "dinov2"] = "dinov2"
-    pooling: Pooling = "bilateral_concat"  # the "[CLS]" the DINO head and KoLeo see
-    dino_head: HeadConfig = field(default_factory=HeadConfig)
-    ibot_head: HeadConfig = field(default_factory=HeadConfig)
-    shared_head: bool = False
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    koleo_weight: float = 0.1
-    centering: Literal["ema", "sinkhorn"] = "ema"
-    center_momentum: float = 0.9
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    mask_probability: float = 0.5
-    mask_ratio_min: float = 0.1
-    mask_ratio_max: float = 0.5
-    mask_mode: Literal["block", "random"] = "block"
+    def validate(self) -> None:
+        models = _known_models()
+        if self.name not in models:
+            near = difflib.get_close_matches(self.name, models, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"got {self.name!r}, expected a registered ViL model: {', '.join(models)}{hint}",
+                              key="name")
+        if self.patch_size <= 0:
+            raise invalid("patch_size", self.patch_size, "a positive integer")
+        for name in ("dim", "depth"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise invalid(name, value, "a positive integer or null")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise invalid("drop_path_rate", self.drop_path_rate, "a value in [0, 1)")
 
 
-@dataclass(kw_only=True)
-class AugmentConfig:
-    """Multi-crop views; sizes are in pixels of the network input."""
-
-    preset: Literal["dino", "ibot", "dinov2", "digits"] = "dinov2"
-    global_size: int = 224
-    local_size: int = 96
-    n_global: int = 2
-    n_local: int = 8
-    global_scale: tuple[float, float] = (0.32, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.32)
-    blur: Literal["dino", "dinov2"] = "dino"  # dino: p=1.0/0.1/0.5; dinov2: its released 0.0/0.9/0.5
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-
-@dataclass(kw_only=True)
-class DataConfig:
+@dataclass(kw_only=True, slots=True)
+class DataConfig(Config):
     """Sharded WebDataset input."""
 
     train: str = ""  # shard directory, brace URL or file list
@@ -92,12 +81,26 @@ class DataConfig:
     allow_pipe: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
+    def validate(self) -> None:
+        if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
+            raise invalid("samples_per_epoch", self.samples_per_epoch, "a positive integer or null")
+        if self.num_workers < 0:
+            raise invalid("num_workers", self.num_workers, "a non-negative integer")
+        if self.shuffle_window_samples <= 0:
+            raise invalid("shuffle_window_samples", self.shuffle_window_samples, "a positive integer")
+        if not 0.0 <= self.error_budget_fraction <= 1.0:
+            raise invalid("error_budget_fraction", self.error_budget_fraction, "a fraction in [0, 1]")
+        if self.max_image_pixels <= 0:
+            raise invalid("max_image_pixels", self.max_image_pixels, "a positive integer")
+        if self.train.startswith("pipe:") and not self.allow_pipe:
+            raise invalid("train", self.train, "a path or URL; pipe: URLs run shell commands and need "
+                          "data.allow_pipe=true")
 
-@dataclass(kw_only=True)
-class OptimConfig:
-    """AdamW with per-group lr/wd driven by pure schedules."""
 
-    name: Literal["adamw"] = "adamw"
+@dataclass(kw_only=True, slots=True)
+class OptimConfig(Config):
+    """AdamW with per-group lr/wd driven by pure schedules (``ssl_vil.schedules``)."""
+
     global_batch_size: int = 1024
     grad_accum_steps: int = 1
     lr: float = 5e-4  # at lr_reference_batch_size; scaled to the global batch by lr_scaling
@@ -114,71 +117,45 @@ class OptimConfig:
     momentum_start: float = 0.992  # teacher EMA
     momentum_end: float = 1.0
 
-
-@dataclass(kw_only=True)
-class ScheduleConfig:
-    """Run length and warmups; set exactly one unit per duration."""
-
-    total_steps: int | None = None
-    total_samples: int | None = None
-    total_epochs: float | None = None
-    warmup_steps: int | None = None
-    warmup_samples: int | None = None
-    warmup_epochs: float | None = None
-    teacher_temp_warmup_steps: int | None = None
-    teacher_temp_warmup_samples: int | None = None
-    teacher_temp_warmup_epochs: float | None = None
-    freeze_last_layer_steps: int | None = None
-    freeze_last_layer_samples: int | None = None
-    freeze_last_layer_epochs: float | None = None
+    def validate(self) -> None:
+        for name in ("global_batch_size", "grad_accum_steps", "lr_reference_batch_size"):
+            if getattr(self, name) <= 0:
+                raise invalid(name, getattr(self, name), "a positive integer")
+        if self.lr <= 0:
+            raise invalid("lr", self.lr, "a positive learning rate")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            raise invalid("min_lr", self.min_lr, f"a value in [0, optim.lr={self.lr}]")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise invalid("clip_grad_norm", self.clip_grad_norm, "a positive norm or null")
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise invalid("layer_decay", self.layer_decay, "a value in (0, 1]")
+        if not 0.0 <= self.momentum_start <= self.momentum_end <= 1.0:
+            raise invalid("momentum_start", self.momentum_start,
+                          f"0 <= momentum_start <= optim.momentum_end={self.momentum_end} <= 1")
 
 
-@dataclass(kw_only=True)
-class CheckpointConfig:
-    every_steps: int = 1000
-    keep_last: int = 3
-    keep_every_steps: int | None = None
-
-
-@dataclass(kw_only=True)
-class GuardConfig:
-    nonfinite_policy: Literal["skip", "halt"] = "skip"
-    max_consecutive_skips: int = 3
-    spike_detection: bool = True
-    spike_window_steps: int = 50
-    spike_z_threshold: float = 6.0
-    collapse_ratio: float = 0.95  # teacher entropy / ln K
-    collapse_window_steps: int = 200
-    watchdog_timeout_s: float = 1800.0
-
-
-@dataclass(kw_only=True)
-class LoggingConfig:
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig(Config):
     log_every_steps: int = 20
     tensorboard: bool = True
-    keys_log: bool = False  # RUN/keys/rank{r}.jsonl: the sample keys of every step (data-order audit)
+
+    def validate(self) -> None:
+        if self.log_every_steps <= 0:
+            raise invalid("log_every_steps", self.log_every_steps, "a positive integer")
 
 
-@dataclass(kw_only=True)
-class DistConfig:
+@dataclass(kw_only=True, slots=True)
+class DistConfig(Config):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     timeout_s: float = 1800.0
 
-
-@dataclass(kw_only=True)
-class EvalConfig:
-    """Periodic k-NN monitor during training (off when knn_every_steps is 0)."""
-
-    knn_every_steps: int = 0
-    knn_train: str = ""
-    knn_val: str = ""
-    knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
-    knn_temperature: float = 0.07
-    knn_batch_size: int = 256
+    def validate(self) -> None:
+        if self.timeout_s <= 0:
+            raise invalid("timeout_s", self.timeout_s, "a positive number of seconds")
 
 
-@dataclass(kw_only=True)
-class TrainConfig:
+@dataclass(kw_only=True, slots=True)
+class TrainConfig(Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # auto: bf16 autocast on GPU, fp32 on CPU; fp16 always runs with a checkpointed dynamic loss scaler
@@ -187,8 +164,8 @@ class TrainConfig:
     deterministic: bool = True
 
 
-@dataclass(kw_only=True)
-class DerivedConfig:
+@dataclass(kw_only=True, slots=True)
+class DerivedConfig(Config):
     """Values the loader resolves once (never set by hand); recorded in the run's config.yaml."""
 
     world_size: int = 1
@@ -202,10 +179,11 @@ class DerivedConfig:
     freeze_last_layer_steps: int = 0
 
 
-@dataclass(kw_only=True)
-class RunConfig:
+@dataclass(kw_only=True, slots=True)
+class RunConfig(Config):
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -213,6 +191,42 @@ class RunConfig:
     guards: GuardConfig = field(default_factory=GuardConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     dist: DistConfig = field(default_factory=DistConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    knn_monitor: KnnMonitorConfig = field(default_factory=KnnMonitorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     derived: DerivedConfig = field(default_factory=DerivedConfig)
+
+    def validate(self) -> None:
+        """The checks that span sections (each section has checked its own fields)."""
+        m, a, o = self.model, self.data.augment, self.objective
+        sizes = [("data.augment.global_size", a.global_size)]
+        if a.n_local > 0:
+            sizes.append(("data.augment.local_size", a.local_size))
+        for key, size in sizes:
+            if size % m.patch_size:
+                raise invalid(key, size, f"a multiple of model.patch_size={m.patch_size}")
+        if o.uses_ibot and o.shared_head:
+            dim = _model_width(m)
+            if pooled_dim(dim, o.pooling) != dim:
+                raise ConfigError(f"got True, but the DINO head sees {o.pooling!r} features of width "
+                                  f"{pooled_dim(dim, o.pooling)} and the iBOT head patch tokens of width {dim}; "
+                                  f"expected shared_head=false or objective.pooling='bilateral_avg'/'avg'",
+                                  key="objective.shared_head")
+
+
+def _known_models() -> list[str]:
+    import timm
+
+    import ssl_vil.backbones  # noqa: F401  (registers the ViL family)
+
+    return sorted(set(timm.list_models("vil*")))
+
+
+def _model_width(m: ModelConfig) -> int:
+    """Token width of the configured backbone (built on the meta device: no allocation, no init)."""
+    if m.dim is not None:
+        return m.dim
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        return int(timm.create_model(m.name, pretrained=False, num_classes=0).embed_dim)

@@ -13,10 +13,12 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from typing import Any
+
 import torch
-import torch.distributed as dist
 
 from ssl_vil.data.errors import ERROR_CATEGORIES, LOST_SAMPLES, DataErrorBudgetExceeded, DataIssue
+from ssl_vil.infra.dist import all_reduce_, collective_device, is_distributed
 
 logger = logging.getLogger("ssl_vil.data")
 
@@ -86,19 +88,14 @@ class ErrorTally:
         )
 
 
-def reduce_error_counts(
-    counts: Mapping[str, int], group: dist.ProcessGroup | None = None
-) -> dict[str, int]:
+def reduce_error_counts(counts: Mapping[str, int], group: Any = None) -> dict[str, int]:
     """Sum ``counts`` over the ranks of ``group`` when torch.distributed is initialised (identity otherwise).
 
     Every rank must pass the same keys (the stream's ``data_errors`` always holds all of them).
     """
     keys = sorted(counts)
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return {k: int(counts[k]) for k in keys}
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    values = torch.tensor([int(counts[k]) for k in keys], dtype=torch.int64, device=collective_device(group))
+    all_reduce_(values, "sum", group=group)
     return dict(zip(keys, (int(v) for v in values.tolist())))

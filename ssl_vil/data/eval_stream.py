@@ -14,49 +14,50 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import closing
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
 import webdataset as wds
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SampleIssue, decode_record
 from ssl_vil.data.error_tally import ErrorTally, zero_counts
-from ssl_vil.data.errors import DataConfigError, DataError, DataIssue
+from ssl_vil.data.errors import DataError, DataIssue
 from ssl_vil.data.layout import concatenated_pieces, cumulative_ends
 from ssl_vil.data.shardlist import ShardSet, ShardSpec, resolve_shard_set
-from ssl_vil.data.tar_records import ShardRecordReader
-from ssl_vil.data.train_stream import ignore_preemption_signals
+from ssl_vil.data.tar_records import PieceReader
+from ssl_vil.data.workers import check_topology, worker_loader, worker_position
 
 logger = logging.getLogger("ssl_vil.data")
 
 EvalTransform = Callable[[Image.Image], Tensor]
 
 
+@dataclass(eq=False)
 class _EvalBatches(IterableDataset):
-    def __init__(self, shards: ShardSet, *, first: int, stop: int, batch_size: int, rounds: int,
-                 transform: EvalTransform, max_pixels: int) -> None:
-        super().__init__()
-        self.shards = shards
-        self.first = first
-        self.stop = stop
-        self.batch_size = batch_size
-        self.rounds = rounds
-        self.transform = transform
-        self.max_pixels = max_pixels
+    """Batches of the records ``first .. stop-1`` of the concatenated shards; ``rounds`` items per worker."""
+
+    shards: ShardSet
+    _: KW_ONLY
+    first: int
+    stop: int
+    batch_size: int
+    rounds: int
+    transform: EvalTransform
+    max_pixels: int
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = worker_position()
         return iter(wds.DataPipeline(lambda: self._batches(worker, workers)))
 
     def _batches(self, worker: int, workers: int) -> Iterator[dict[str, Any]]:
         order = list(range(len(self.shards.urls)))
         ends = cumulative_ends(self.shards.counts, order)
-        reader: ShardRecordReader | None = None
-        try:
+        with closing(PieceReader(self.shards.urls, self.shards.counts)) as reader:
             # Every worker yields `rounds` items (placeholders past the end) so the loader's order stays round-robin.
             for i in range(worker, self.rounds * workers, workers):
                 a = self.first + i * self.batch_size
@@ -70,11 +71,7 @@ class _EvalBatches(IterableDataset):
                 events: list[DataIssue] = []
                 for piece in concatenated_pieces(self.shards.counts, order, ends, a, b):
                     url = self.shards.urls[piece.shard]
-                    if reader is None or reader.url != url or reader.position > piece.start:
-                        if reader is not None:
-                            reader.close()
-                        reader = ShardRecordReader(url, self.shards.counts[piece.shard])
-                    for rec in reader.read(piece.start, piece.stop):
+                    for rec in reader.read(piece.shard, piece.start, piece.stop):
                         events.extend(rec.events)
                         if rec.members is None or rec.key is None:
                             continue
@@ -95,9 +92,6 @@ class _EvalBatches(IterableDataset):
                         labels.append(label)
                         images.append(tensor)
                 yield {"index": i, "keys": keys, "labels": labels, "images": images, "events": events}
-        finally:
-            if reader is not None:
-                reader.close()
 
 
 class EvalStream:
@@ -106,11 +100,7 @@ class EvalStream:
     def __init__(self, shards: ShardSet, *, batch_size: int, rank: int, world_size: int,
                  transform: EvalTransform, num_workers: int, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  multiprocessing_context: str | None = None) -> None:
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-            raise DataConfigError(
-                f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
-                f"batch_size={batch_size}, rank={rank}, world_size={world_size}, num_workers={num_workers}"
-            )
+        check_topology(batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
         total = shards.num_samples
         self.shards = shards
         self.first = rank * total // world_size
@@ -143,11 +133,7 @@ class EvalStream:
         rounds = math.ceil(len(self) / workers)
         dataset = _EvalBatches(self.shards, first=self.first, stop=self.stop, batch_size=self.batch_size,
                                rounds=rounds, transform=self.transform, max_pixels=self.max_image_pixels)
-        loader: Any = dataset
-        if self.num_workers > 0:
-            loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                worker_init_fn=ignore_preemption_signals,
-                                multiprocessing_context=self.multiprocessing_context)
+        loader = worker_loader(dataset, self.num_workers, multiprocessing_context=self.multiprocessing_context)
         expected = 0
         pending = zero_counts()  # issues of batches that lost every sample ride on the next batch
         for item in loader:

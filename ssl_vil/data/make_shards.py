@@ -26,12 +26,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ssl_vil.data.atomic import atomic_write_bytes
 from ssl_vil.data.errors import DataConfigError
 from ssl_vil.data.manifest import Manifest, ShardInfo, manifest_path, read_manifest, write_manifest
 from ssl_vil.data.shard_writer import PLAN_FORMAT, ShardPlan, ShardResult, file_sha256, plan_shards, write_shard
 from ssl_vil.data.shardlist import count_records
 from ssl_vil.data.sources import DIGITS_SPEC, Source, open_source
+from ssl_vil.infra.files import write_bytes_atomic
 
 
 class OutputConflict(DataConfigError):
@@ -142,7 +142,7 @@ def make_shards(
         print(f"{out_dir}: split {split!r} is complete ({len(plan.shards)} shards); nothing to do", file=sys.stderr)
         return read_manifest(out_dir, split)
     plan_file = out_dir / f".{plan.prefix}.plan.json"
-    atomic_write_bytes(
+    write_bytes_atomic(
         plan_file,
         json.dumps({"format": PLAN_FORMAT, "digest": plan.digest, "source": source.description,
                     "options": plan.options, "num_shards": len(plan.shards)}).encode(),

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ssl_vil.data.atomic import atomic_write_bytes
 from ssl_vil.data.errors import DataConfigError
+from ssl_vil.infra.files import write_bytes_atomic
 
 MANIFEST_FORMAT = "ssl_vil.shards/1"
 TIMM_INFO = "_info.json"
@@ -161,12 +161,12 @@ def write_manifest(manifest: Manifest) -> None:
             "filenames": [s.file for s in manifest.shards],
             "shard_lengths": manifest.counts,
         }
-        atomic_write_bytes(root / TIMM_INFO, _dump(info))
+        write_bytes_atomic(root / TIMM_INFO, _dump(info))
         sizes = _read_json(root / SIZES, {})
         sizes.update({s.file: s.num_samples for s in manifest.shards})
-        atomic_write_bytes(root / SIZES, _dump(sizes))
-        atomic_write_bytes(root / LENGTH, f"{sum(sizes.values())}\n".encode())
-        atomic_write_bytes(manifest_path(root, manifest.split), _dump(manifest.to_json()))
+        write_bytes_atomic(root / SIZES, _dump(sizes))
+        write_bytes_atomic(root / LENGTH, f"{sum(sizes.values())}\n".encode())
+        write_bytes_atomic(manifest_path(root, manifest.split), _dump(manifest.to_json()))
 
 
 def sidecar_counts(directory: Path) -> dict[str, int]:

@@ -2,7 +2,7 @@
 
 The plan (which item goes to which shard) is a pure function of the source and the options, and its digest is
 recorded, so an interrupted run can be resumed and a finished one recognised. Each shard is written to a hidden
-temporary and renamed into place when complete (:func:`ssl_vil.data.atomic.atomic_output`), so a shard file that
+temporary and renamed into place when complete (:func:`ssl_vil.infra.files.atomic_output`), so a shard file that
 exists is a whole shard. Image bytes are stored as they are (no re-encoding); each record holds
 ``<key>.<ext>`` (the image), ``<key>.cls`` (integer label, when labelled) and ``<key>.json``
 (``{"source": ..., "class": ...}``). Tar member times are fixed (mtime 0) so equal inputs give equal shards.
@@ -21,9 +21,9 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
-from ssl_vil.data.atomic import atomic_output
 from ssl_vil.data.seeding import permutation, stable_seed
 from ssl_vil.data.sources import Source, SourceItem, read_item_bytes
+from ssl_vil.infra.files import atomic_output
 
 PLAN_FORMAT = "ssl_vil.shard-plan/1"
 _TAR_BLOCK = 512

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -37,7 +38,7 @@ from ssl_vil.data.decode import SampleIssue, decode_record
 from ssl_vil.data.errors import DataError, DataIssue
 from ssl_vil.data.layout import EpochLayout, Piece, ResampledSlot
 from ssl_vil.data.seeding import make_generator, permutation, stable_seed
-from ssl_vil.data.tar_records import ShardRecordReader
+from ssl_vil.data.tar_records import PieceReader
 
 # A resampled slot gives up looking for a good sample to pad with after this many consecutive shard draws.
 MAX_RESAMPLED_FILL_DRAWS = 64
@@ -183,23 +184,15 @@ class SlotStream:
 
     def _read(self, plans: Iterator[WindowPlan]) -> Iterator[tuple[WindowPlan, list[Entry]]]:
         """Raw records of each window, keeping the current shard open across windows."""
-        reader: ShardRecordReader | None = None
-        try:
+        with closing(PieceReader(self.spec.urls, self.spec.counts)) as reader:
             for plan in plans:
                 entries: list[Entry] = []
                 for piece in plan.pieces:
                     url = self.spec.urls[piece.shard]
-                    if reader is None or reader.url != url or reader.position > piece.start:
-                        if reader is not None:
-                            reader.close()
-                        reader = ShardRecordReader(url, self.spec.counts[piece.shard])
-                    for rec in reader.read(piece.start, piece.stop):
+                    for rec in reader.read(piece.shard, piece.start, piece.stop):
                         seed = stable_seed(self.spec.seed, *plan.sample_seed_parts, rec.key)
                         entries.append(Entry(-1, url, rec.index, rec.key, rec.members, rec.error, rec.events, seed))
                 yield plan, entries
-        finally:
-            if reader is not None:
-                reader.close()
 
     def _permute(self, windows: Iterator[tuple[WindowPlan, list[Entry]]]) -> Iterator[Window]:
         for plan, entries in windows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
@@ -311,3 +312,30 @@ class ShardRecordReader:
                 )
             )
         return RawRecord(index, key, members, error=error, events=tuple(events))
+
+
+class PieceReader:
+    """Reads pieces ``(shard, start, stop)`` of a shard list in order, keeping the current shard open across
+    consecutive pieces; a piece of another shard, or one before the open reader's position, opens a new reader.
+
+    ``urls`` / ``counts``: the shard list and its manifest record counts (None where unknown). Use it under
+    ``contextlib.closing`` so the open shard is closed however the reading ends.
+    """
+
+    def __init__(self, urls: Sequence[str], counts: Sequence[int | None]) -> None:
+        self.urls, self.counts = urls, counts
+        self._reader: ShardRecordReader | None = None
+
+    def read(self, shard: int, start: int, stop: int) -> list[RawRecord]:
+        """Records ``start .. stop - 1`` of shard ``shard`` (see :meth:`ShardRecordReader.read`)."""
+        url = self.urls[shard]
+        reader = self._reader
+        if reader is None or reader.url != url or reader.position > start:
+            self.close()
+            reader = self._reader = ShardRecordReader(url, self.counts[shard])
+        return reader.read(start, stop)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None

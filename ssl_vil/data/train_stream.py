@@ -30,17 +30,17 @@ from __future__ import annotations
 
 import logging
 import math
-import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 import torch
 import webdataset as wds
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_vil.data.collate import default_collate_views
-from ssl_vil.data.cursor import EpochCursor
+from ssl_vil.data.cursor import EpochCursor, ResumableStream
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
 from ssl_vil.data.errors import DataConfigError, DataErrorBudgetExceeded, DataIssue
@@ -48,23 +48,13 @@ from ssl_vil.data.layout import EpochLayout
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.data.shardlist import ShardSet, ShardSpec, resolve_shard_set
 from ssl_vil.data.slot_stream import SlotOutput, SlotStream, StreamSpec, Transform
+from ssl_vil.data.workers import check_topology, worker_loader, worker_position
 
 logger = logging.getLogger("ssl_vil.data")
 
 CURSOR_FORMAT = "ssl_vil.data.cursor/1"
-# Cursor fields that must match for a resume to continue the same sample order.
-_FINGERPRINT = (
-    "mode", "seed", "global_batch_size", "shards", "shuffle_window_samples", "drop_last", "samples_per_epoch",
-)
 
 Collate = Callable[[list[dict[str, Any]], torch.Generator], dict[str, Any]]
-
-
-def ignore_preemption_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGUSR2 / SIGTERM to the trainer so a preemption can checkpoint."""
-    del worker_id
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:
@@ -101,23 +91,21 @@ def _unpack_views(packed: tuple[str, Any], n: int) -> list[Any]:
     return list(data)
 
 
+@dataclass(eq=False)
 class _RankSteps(IterableDataset):
     """One rank's partial batches for steps ``start .. stop-1``; one item per step from every worker."""
 
-    def __init__(self, spec: StreamSpec, *, rank: int, batch_size: int, epoch: int, start: int, stop: int,
-                 layout: EpochLayout | None) -> None:
-        super().__init__()
-        self.spec = spec
-        self.rank = rank
-        self.batch_size = batch_size
-        self.epoch = epoch
-        self.start = start
-        self.stop = stop
-        self.layout = layout
+    spec: StreamSpec
+    _: KW_ONLY
+    rank: int
+    batch_size: int
+    epoch: int
+    start: int
+    stop: int
+    layout: EpochLayout | None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker, workers = worker_position()
         return iter(wds.DataPipeline(lambda: self._steps(worker, workers), self._pack))
 
     def _steps(self, worker: int, workers: int) -> Iterator[tuple[int, int, list[int], list[SlotOutput]]]:
@@ -151,20 +139,22 @@ class _RankSteps(IterableDataset):
             }
 
 
-class TrainStream:
+class TrainStream(ResumableStream):
     """Iterable over one rank's training batches with a resumable cursor (see the module docstring).
 
     Properties: ``epoch`` (epoch of the next batch), ``batches_consumed`` (batches of that epoch already yielded),
     ``batches_per_epoch`` (steps per epoch, equal on every rank), ``samples_per_epoch``, ``global_batch_size``,
-    ``classes``, ``error_totals``. ``state_dict()`` / ``load_state_dict()`` save and restore the cursor; the state
-    is the same on every rank and holds no topology.
+    ``classes``, ``error_totals``. ``state_dict()`` / ``load_state_dict()`` save and restore the cursor
+    (:class:`ssl_vil.data.cursor.ResumableStream`); the state is the same on every rank and holds no topology.
     """
+
+    cursor_format = CURSOR_FORMAT
 
     def __init__(
         self,
         shards: ShardSet,
         *,
-        mode: Literal["epoch", "resampled"],
+        mode: Literal["epoch", "resampled"] = "epoch",
         batch_size: int,
         seed: int,
         rank: int,
@@ -184,11 +174,7 @@ class TrainStream:
     ) -> None:
         if mode not in ("epoch", "resampled"):
             raise DataConfigError(f"data mode must be 'epoch' or 'resampled', got {mode!r}")
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-            raise DataConfigError(
-                f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size, num_workers >= 0; got "
-                f"batch_size={batch_size}, rank={rank}, world_size={world_size}, num_workers={num_workers}"
-            )
+        check_topology(batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers)
         if shuffle_window_samples < 1:
             raise DataConfigError(f"shuffle_window_samples must be >= 1, got {shuffle_window_samples}")
         readers = world_size * max(1, num_workers)
@@ -248,24 +234,8 @@ class TrainStream:
     # -- cursor ----------------------------------------------------------------------------------------------
 
     @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self._batches_per_epoch
-
-    @property
     def samples_per_epoch(self) -> int:
         return self._samples_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        return self._cursor.epoch
-
-    @property
-    def batches_consumed(self) -> int:
-        return self._cursor.batches_consumed
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -275,10 +245,8 @@ class TrainStream:
     def error_totals(self) -> dict[str, int]:
         return dict(self._tally.totals)
 
-    def __len__(self) -> int:
-        return self._batches_per_epoch
-
     def _fingerprint(self) -> dict[str, Any]:
+        """Cursor fields that must match for a resume to continue the same sample order."""
         return {
             "mode": self.mode,
             "seed": self.seed,
@@ -289,20 +257,6 @@ class TrainStream:
             "samples_per_epoch": self._samples_per_epoch_arg,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """``{"format", "epoch", "batches_consumed", <fingerprint>}``; identical on every rank."""
-        return {"format": CURSOR_FORMAT, **self._cursor.state(), **self._fingerprint()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a saved cursor; refuses one whose sample order differs (other data, seed, G ...)."""
-        if state.get("format") != CURSOR_FORMAT:
-            raise DataConfigError(f"data cursor format {state.get('format')!r}, expected {CURSOR_FORMAT!r}")
-        mine = self._fingerprint()
-        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _FINGERPRINT if state.get(k) != mine[k]]
-        if diff:
-            raise DataConfigError("data cursor does not match this stream: " + "; ".join(diff))
-        self._cursor.load(state, DataConfigError)
-
     # -- iteration -------------------------------------------------------------------------------------------
 
     def _layout(self, epoch: int) -> EpochLayout:
@@ -311,8 +265,7 @@ class TrainStream:
             drop_last=self.drop_last, samples_per_epoch=self._samples_per_epoch_arg,
         )
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, first = self._cursor.begin()
+    def _epoch_batches(self, epoch: int, first: int) -> Generator[dict[str, Any], None, None]:
         if first == 0:
             self._tally.new_epoch()
         # Resampled steps are positions in one endless stream; epoch steps restart at 0 every epoch.
@@ -323,15 +276,10 @@ class TrainStream:
             layout=self._layout(epoch) if self.mode == "epoch" else None,
         )
         workers = max(1, self.num_workers)
-        loader: Any
-        if self.num_workers == 0:
-            loader = steps
-        else:
-            loader = DataLoader(
-                steps, batch_size=None, num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False, worker_init_fn=ignore_preemption_signals,
-                multiprocessing_context=self.multiprocessing_context, timeout=self.worker_timeout_s,
-            )
+        loader = worker_loader(
+            steps, self.num_workers, prefetch_factor=self.prefetch_factor, persistent_workers=False,
+            multiprocessing_context=self.multiprocessing_context, timeout=self.worker_timeout_s,
+        )
         parts_iter = iter(loader)
         try:
             for index in range(first, self._batches_per_epoch):
@@ -342,18 +290,19 @@ class TrainStream:
                             f"data worker order broken: expected step {offset + index} from worker {worker}, got "
                             f"step {part['step']} from worker {part['worker']}"
                         )
-                batch = self._assemble(parts, epoch, index)
-                self._cursor.yielded(index)
-                try:
-                    self._tally.check_budget()
-                except DataErrorBudgetExceeded as e:
-                    if self._budget_error == "raise":
-                        raise
-                    batch["data_budget_error"] = e
-                yield batch
+                yield self._assemble(parts, epoch, index)
         finally:
             del parts_iter
-        self._cursor.end(epoch)
+
+    def _deliver(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The budget check, once the cursor has counted the batch: raise, or attach the error to the batch."""
+        try:
+            self._tally.check_budget()
+        except DataErrorBudgetExceeded as e:
+            if self._budget_error == "raise":
+                raise
+            batch["data_budget_error"] = e
+        return batch
 
     def _assemble(self, parts: list[dict[str, Any]], epoch: int, index: int) -> dict[str, Any]:
         samples: list[dict[str, Any] | None] = [None] * self.batch_size
@@ -383,40 +332,19 @@ class TrainStream:
 def build_train_stream(
     urls_or_dir: ShardSpec,
     *,
-    mode: Literal["epoch", "resampled"] = "epoch",
-    batch_size: int,
-    seed: int,
-    rank: int,
-    world_size: int,
-    num_workers: int,
-    transform: Transform,
-    collate: Collate = default_collate_views,
-    samples_per_epoch: int | None = None,
-    error_budget_fraction: float | None = 0.01,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    allow_pipe: bool = False,
     split: str | None = None,
+    allow_pipe: bool = False,
     shard_sizes: Mapping[str, int] | None = None,
-    shuffle_window_samples: int = 64,
-    drop_last: bool = False,
-    prefetch_factor: int = 2,
-    multiprocessing_context: str | None = None,
-    worker_timeout_s: float = 0.0,
-    budget_error: Literal["raise", "attach"] = "raise",
+    **options: Any,
 ) -> TrainStream:
     """The training stream of rank ``rank`` over the shards of ``urls_or_dir`` (see :class:`TrainStream`).
 
-    ``batch_size`` is per rank; ``transform(image, generator)`` maps an RGB PIL image to the sample's views;
-    ``samples_per_epoch`` (None: all records) sizes an epoch; ``error_budget_fraction`` (None: off) bounds the
-    fraction of an epoch's planned samples that bad data may cost; ``shuffle_window_samples`` is the raw-record
-    shuffle window per slot (memory per rank ~ ``batch_size x window x`` mean encoded sample size).
+    ``split`` / ``allow_pipe`` / ``shard_sizes`` resolve the shards (:func:`ssl_vil.data.shardlist.resolve_shard_set`);
+    ``options`` are :class:`TrainStream`'s keyword arguments: ``batch_size`` is per rank; ``transform(image,
+    generator)`` maps an RGB PIL image to the sample's views; ``samples_per_epoch`` (None: all records) sizes an
+    epoch; ``error_budget_fraction`` (None: off) bounds the fraction of an epoch's planned samples that bad data may
+    cost; ``shuffle_window_samples`` is the raw-record shuffle window per slot (memory per rank ~ ``batch_size x
+    window x`` mean encoded sample size).
     """
     shards = resolve_shard_set(urls_or_dir, split=split, allow_pipe=allow_pipe, shard_sizes=shard_sizes)
-    return TrainStream(
-        shards, mode=mode, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-        num_workers=num_workers, transform=transform, collate=collate, samples_per_epoch=samples_per_epoch,
-        error_budget_fraction=error_budget_fraction, max_image_pixels=max_image_pixels,
-        shuffle_window_samples=shuffle_window_samples, drop_last=drop_last, prefetch_factor=prefetch_factor,
-        multiprocessing_context=multiprocessing_context, worker_timeout_s=worker_timeout_s,
-        budget_error=budget_error,
-    )
+    return TrainStream(shards, **options)

@@ -8,17 +8,17 @@ any classifier-side norm, i.e. what the SSL heads see.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
 from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens
 from ssl_vil.evaluation.progress import Progress
+from ssl_vil.infra.dist import all_gather_object, is_distributed
+from ssl_vil.infra.precision import autocast
 
 FEATURE_SPECS: tuple[str, ...] = ("cls", "avg", "cls+avg")
 
@@ -61,13 +61,6 @@ def block_features(
     return cls, pool_tokens(inter[-1], "avg")
 
 
-def autocast_for(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (eval runs in the teacher's training precision); fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 @dataclass
 class FeatureSet:
     """Features of this rank's share of a split: features (N, D) float32, labels (N,) int64, keys (N)."""
@@ -85,13 +78,15 @@ def extract(
     device: torch.device,
     progress: Progress | None = None,
     normalize: bool = False,
+    precision: str = "auto",
 ) -> FeatureSet:
     """Run ``fn(images) -> (B, D)`` over batches of ``{"keys", "labels", "images"}``; results on CPU, float32.
 
+    Runs under ``precision`` autocast (``auto``: bf16 on CUDA, the teacher's training precision; fp32 on CPU).
     Raises ValueError when a key repeats within this rank (each sample must be seen exactly once).
     """
     feats, labels, keys = [], [], []
-    with autocast_for(device):
+    with autocast(precision, device):
         for batch in batches:
             images = batch["images"].to(device, non_blocking=True)
             out = fn(images).float()
@@ -116,12 +111,10 @@ def extract(
 
 def check_disjoint_across_ranks(keys: list[str], split: str) -> int:
     """Raise if two ranks hold the same key; returns the global sample count (collective when distributed)."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+    if not is_distributed():
         return len(keys)
-    gathered: list[list[str] | None] = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(gathered, keys)
     seen: dict[str, int] = {}
-    for rank, rank_keys in enumerate(gathered):
+    for rank, rank_keys in enumerate(all_gather_object(keys)):
         for k in rank_keys or []:
             if k in seen:
                 raise ValueError(f"{split}: sample {k!r} was read by rank {seen[k]} and rank {rank}")

@@ -15,24 +15,20 @@ was never interrupted (bitwise, on a deterministic device such as the CPU in fp3
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
-import time
 from collections.abc import Iterable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 
 from ssl_vil.data.seeding import stable_seed
 from ssl_vil.evaluation.finetune_config import FinetuneConfig
+from ssl_vil.infra.dist import all_reduce_
+from ssl_vil.infra.precision import autocast
 
 logger = logging.getLogger("ssl_vil.evaluation")
 
@@ -121,12 +117,6 @@ def reseed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(s)
 
 
-def autocast_context(device: torch.device, precision: str) -> Any:
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 # -------------------------------------------------------------------------------------------------- eval
 @dataclass
 class EvalResult:
@@ -143,7 +133,7 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # top1, top5, loss sum, count
-    with autocast_context(device, precision):
+    with autocast(precision, device):
         for batch in batches:
             images = batch["images"].to(device, non_blocking=True)
             labels = torch.as_tensor(batch["labels"], dtype=torch.long).to(device)
@@ -153,8 +143,7 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
             sums += torch.stack([hit[:, 0].sum(), hit.any(1).sum(),
                                  nn.functional.cross_entropy(logits, labels, reduction="sum"),
                                  torch.tensor(labels.numel(), device=device)]).double()
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(sums)
+    all_reduce_(sums)
     model.train(was_training)
     top1, top5, loss, total = sums.tolist()
     n = max(total, 1.0)
@@ -162,38 +151,6 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
 
 
 # ------------------------------------------------------------------------------------------------ logging
-class TrainLog:
-    """JSON lines ``OUT/train_log.jsonl`` (rank 0): one ``{"step", "epoch", "loss", "lr"}`` per optimizer step
-    plus eval events. On resume, lines past the checkpoint's step are dropped, so the log matches the state."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the torn last line of a killed process
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def read_train_log(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
     """lr of the un-decayed groups (lr_scale 1: head) = the scheduler's current value."""
     return max(float(g["lr"]) / float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
@@ -201,28 +158,3 @@ def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def total_steps_of(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     return cfg.schedule.train_epochs * steps_per_epoch
-
-
-def fmt_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def eta_seconds(elapsed_s: float, done: int, total: int) -> float:
-    return elapsed_s / done * (total - done) if done else math.nan
-
-
-class StepTimer:
-    """Throughput over the steps since the last report."""
-
-    def __init__(self) -> None:
-        self.t0, self.samples = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self.samples += n
-
-    def rate_and_reset(self) -> float:
-        now = time.perf_counter()
-        rate = self.samples / max(now - self.t0, 1e-9)
-        self.t0, self.samples = now, 0
-        return rate

@@ -1,26 +1,23 @@
 """Fine-tuning recipe schema: plain YAML (``recipes/finetune_*.yaml``) + ``key.sub=value`` overrides.
 
-Unknown keys and wrong types raise :class:`ssl_vil.config.ConfigError` naming the dotted key, before anything
-is built. Durations are in epochs of the training split (``*_epochs``) or optimizer steps (``*_steps``).
+Built by the same engine as the pretraining config (:mod:`ssl_vil.config.engine`): unknown keys and wrong types
+raise :class:`ssl_vil.config.ConfigError` naming the dotted key, before anything is built. Durations are in epochs
+of the training split (``*_epochs``) or optimizer steps (``*_steps``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-from ssl_vil.config import ConfigError
-from ssl_vil.config.load import parse_override, read_yaml, to_dict
+from ssl_vil.config import engine
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
 
 
 @dataclass(kw_only=True, slots=True)
-class FtModel:
+class FtModel(Config):
     weights: str | None = None  # run dir | checkpoint folder | exported .safetensors | weights file; None: random init
     name: str | None = None  # timm name; needed without model.json (random init or bare weights file)
     kwargs: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (random init / bare file)
@@ -29,7 +26,7 @@ class FtModel:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtData:
+class FtData(Config):
     train: str = ""  # shard dir / glob / URL, or ImageFolder directory
     val: str | None = None
     train_split: str | None = None  # default "train" when the shard dir holds several splits
@@ -43,7 +40,7 @@ class FtData:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtAugment:
+class FtAugment(Config):
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     hflip: float = 0.5
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"  # timm spec: rand-..., 3a, original, None
@@ -55,7 +52,7 @@ class FtAugment:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtMixup:
+class FtMixup(Config):
     mixup_alpha: float = 0.8
     cutmix_alpha: float = 1.0
     prob: float = 1.0
@@ -68,7 +65,7 @@ class FtMixup:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtOptim:
+class FtOptim(Config):
     opt: str = "adamw"  # any timm optimizer name
     base_lr: float = 5e-4  # lr = base_lr x global_batch / 256 (MAE / BEiT linear rule)
     lr: float | None = None  # absolute lr; overrides base_lr
@@ -79,7 +76,7 @@ class FtOptim:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtSchedule:
+class FtSchedule(Config):
     train_epochs: int = 100
     warmup_epochs: int = 5
     min_lr: float = 1e-6
@@ -87,13 +84,13 @@ class FtSchedule:
 
 
 @dataclass(kw_only=True, slots=True)
-class FtEma:
+class FtEma(Config):
     enabled: bool = False
     decay: float = 0.9999
 
 
 @dataclass(kw_only=True, slots=True)
-class FtTrain:
+class FtTrain(Config):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
@@ -104,7 +101,7 @@ class FtTrain:
 
 
 @dataclass(kw_only=True, slots=True)
-class FinetuneConfig:
+class FinetuneConfig(Config):
     model: FtModel = field(default_factory=FtModel)
     data: FtData = field(default_factory=FtData)
     augment: FtAugment = field(default_factory=FtAugment)
@@ -115,103 +112,17 @@ class FinetuneConfig:
     train: FtTrain = field(default_factory=FtTrain)
 
     def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
+        return engine.to_dict(self)
 
-
-# ------------------------------------------------------------------------------------------------- building
-def _expected(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_expected(a) for a in get_args(tp))
-    if origin is list:
-        return f"a list of {_expected(get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    bad = ConfigError(f"{key}: got {value!r}, expected {_expected(tp)}")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in get_args(tp):
-            return None
-        for arg in get_args(tp):
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg, key)
-                except ConfigError:
-                    pass
-        raise bad
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        near = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
-        raise ConfigError(f"{bad}{f' (did you mean {near[0]!r}?)' if near else ''}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        return [_coerce(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            return float(value)
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise TypeError(f"unsupported annotation {tp!r} at {key}")
-
-
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: got {data!r}, expected a mapping")
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else f"; valid keys here: {', '.join(names)}"
-            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    def validate(self) -> None:
+        """Checks of the whole recipe (the data location is required, so a bare ``FinetuneConfig()`` fails)."""
+        _validate(self)
 
 
 def _validate(cfg: FinetuneConfig) -> None:
     def need(ok: bool, key: str, value: Any, expected: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}: got {value!r}, expected {expected}")
+            raise invalid(key, value, expected)
 
     need(bool(cfg.data.train), "data.train", cfg.data.train, "a shard dir / glob / URL or an ImageFolder dir")
     need(cfg.model.weights is not None or cfg.model.name is not None, "model.name", cfg.model.name,
@@ -244,15 +155,4 @@ def _validate(cfg: FinetuneConfig) -> None:
 
 def load_finetune_config(path: str | Path | None = None, overrides: list[str] | None = None) -> FinetuneConfig:
     """Defaults <- recipe YAML at ``path`` <- ``key.sub=value`` overrides, validated."""
-    data: dict[str, Any] = read_yaml(path) if path is not None else {}
-    for item in overrides or []:
-        keys, value = parse_override(item)
-        node: dict[str, Any] = {}
-        leaf = node
-        for k in keys[:-1]:
-            leaf = leaf.setdefault(k, {})
-        leaf[keys[-1]] = value
-        data = _merge(data, node)
-    cfg = _build(FinetuneConfig, data)
-    _validate(cfg)
-    return cfg
+    return engine.load(FinetuneConfig, path, overrides or [])

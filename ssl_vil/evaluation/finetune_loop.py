@@ -12,14 +12,16 @@ import torch
 from torch import nn
 
 from ssl_vil.checkpoint import CheckpointManager, config_hash
-from ssl_vil.dist import DistInfo, barrier
-from ssl_vil.evaluation.process_group import eval_process_group
 from ssl_vil.evaluation import finetune as ft
 from ssl_vil.evaluation.finetune_config import FinetuneConfig
 from ssl_vil.evaluation.inputs import default_split, eval_transform, open_eval_source
-from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
+from ssl_vil.evaluation.reporting import setup_logging
 from ssl_vil.evaluation.train_inputs import open_train_stream, source_classes
 from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.infra.dist import DistInfo, all_reduce_, barrier, process_group
+from ssl_vil.infra.files import JsonlLog, write_json_atomic
+from ssl_vil.infra.precision import autocast
+from ssl_vil.infra.timing import StepTimer, format_duration, is_due
 
 logger = logging.getLogger("ssl_vil.evaluation")
 
@@ -86,7 +88,8 @@ class _Run:
         self.ckpt = CheckpointManager(output_dir, keep_last=cfg.train.keep_last, keep_every_steps=None,
                                       config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
                                       git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
-        self.log = ft.TrainLog(output_dir / ft.TRAIN_LOG, enabled=dist.is_main)
+        # One record per optimizer step plus eval events (rank 0); cut back to the checkpoint's step on resume.
+        self.log = JsonlLog(output_dir / ft.TRAIN_LOG, enabled=dist.is_main)
         self.step = 0
         self.history: list[dict[str, Any]] = []
 
@@ -146,7 +149,7 @@ class _Run:
         y = batch["labels"].to(self.device, non_blocking=True)
         if self.mixup is not None:
             x, y = self.mixup(x, y)
-        with ft.autocast_context(self.device, cfg.train.precision):
+        with autocast(cfg.train.precision, self.device):
             loss = self.criterion(self.train_model(x), y)
         if not torch.isfinite(loss).all():
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} "
@@ -159,11 +162,7 @@ class _Run:
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.model, step=self.step)
-        value = loss.detach().float().reshape(1)
-        if self.dist.world_size > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.dist.world_size
-        return float(value.item())
+        return float(all_reduce_(loss.detach().float().reshape(1), "mean").item())
 
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
         if not self.cfg.data.val:
@@ -187,27 +186,30 @@ class _Run:
 
     def run(self) -> None:
         cfg = self.cfg
-        timer, t_start, start_step = ft.StepTimer(), time.perf_counter(), self.step
+        timer = StepTimer()
         self.model.train()
+        timer.start()
         while self.step < self.total_steps:
             for batch in self.stream:
+                timer.data_ready()
                 loss = self.train_step(batch)
-                timer.add(batch["views"].shape[0] * self.dist.world_size)
+                timer.step_done(batch["views"].shape[0] * self.dist.world_size)
                 lr = ft.peak_group_lr(self.optimizer)
                 self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr})
-                if self.step % cfg.train.log_every_steps == 0 or self.step == self.total_steps:
-                    eta = ft.eta_seconds(time.perf_counter() - t_start, self.step - start_step,
-                                         self.total_steps - start_step)
+                if is_due(self.step, cfg.train.log_every_steps, total_steps=self.total_steps):
+                    timing = timer.pop_window()
                     logger.info("step %d/%d (epoch %d) loss %.4f lr %.3g %.1f img/s ETA %s", self.step,
-                                self.total_steps, batch["epoch"] + 1, loss, lr, timer.rate_and_reset(),
-                                ft.fmt_duration(eta) if eta == eta else "?")
+                                self.total_steps, batch["epoch"] + 1, loss, lr, timing.img_per_s,
+                                format_duration(timing.eta_s(self.total_steps - self.step)))
                 epoch_done = batch["batch_in_epoch"] + 1 == self.steps_per_epoch
                 # Evaluate before the epoch-end checkpoint, so a resumed run never skips or repeats an eval.
-                if epoch_done and ((batch["epoch"] + 1) % cfg.train.eval_every_epochs == 0
-                                   or self.step >= self.total_steps):
+                if epoch_done and is_due(batch["epoch"] + 1, cfg.train.eval_every_epochs,
+                                         total_steps=cfg.schedule.train_epochs):
                     self.evaluate(batch["epoch"])
-                if self.step % cfg.train.checkpoint_every_steps == 0 or epoch_done:
+                    timer.start()
+                if epoch_done or is_due(self.step, cfg.train.checkpoint_every_steps):
                     self.save()
+                    timer.start()
                 if self.step >= self.total_steps:
                     break
 
@@ -217,7 +219,7 @@ def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = 
 
     Returns the results dict (also written to ``OUT/results_finetune.json`` by rank 0).
     """
-    with eval_process_group(cfg.train.device) as dist:
+    with process_group(cfg.train.device) as dist:
         return _finetune(cfg, Path(output_dir), resume, dist)
 
 
@@ -234,7 +236,10 @@ def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInf
     logger.info("fine-tuning %s: %d classes, %d steps (%d epochs x %d), global batch %d, peak lr %.3g",
                 run.info["model"], run.num_classes, run.total_steps, cfg.schedule.train_epochs,
                 run.steps_per_epoch, run.stream.global_batch_size, run.lr)
-    run.run()
+    try:
+        run.run()
+    finally:
+        run.log.close()
     evals = [h for h in run.history if h.get("event") == "eval"]
     final = evals[-1] if evals else None
     source = run.info.get("source") or cfg.model.weights

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 import torch.distributed as torch_dist
 
+from ssl_vil.infra.dist import all_reduce_, all_reduce_scalar, broadcast_, rank, world_size
+
 Backend = Literal["torch", "faiss"]
 BACKENDS: tuple[str, ...] = ("torch", "faiss")
 
@@ -187,10 +189,10 @@ def find_neighbours(
     """
     if bank.shape[0] != bank_labels.shape[0]:
         raise ValueError(f"bank has {bank.shape[0]} rows but bank_labels has {bank_labels.shape[0]}")
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
+    world, me = world_size(), rank()
+    if world == 1:
         return _local_neighbours(queries, bank, bank_labels, k, backend, faiss_fp16)
 
-    world, rank = torch_dist.get_world_size(), torch_dist.get_rank()
     device = queries.device
     counts = torch.tensor([queries.shape[0]], dtype=torch.long, device=device)
     all_counts = [torch.zeros_like(counts) for _ in range(world)]
@@ -201,10 +203,10 @@ def find_neighbours(
         n_src = int(all_counts[src].item())
         if n_src == 0:
             continue
-        q = queries.contiguous() if rank == src else torch.empty(n_src, dim, dtype=queries.dtype, device=device)
-        torch_dist.broadcast(q, src=src)
+        q = queries.contiguous() if me == src else torch.empty(n_src, dim, dtype=queries.dtype, device=device)
+        broadcast_(q, src=src)
         part = _local_neighbours(q, bank, bank_labels, k, backend, faiss_fp16)
-        if rank == src:
+        if me == src:
             sims_parts = [torch.empty_like(part.sims) for _ in range(world)]
             label_parts = [torch.empty_like(part.labels) for _ in range(world)]
             torch_dist.gather(part.sims, sims_parts, dst=src)
@@ -292,8 +294,8 @@ def knn_classify(
     local_max_label = max(
         int(bank_labels.max()) if bank_labels.numel() else -1, int(query_labels.max()) if query_labels.numel() else -1
     )
-    n_train = int(_all_reduce(torch.tensor([bank.shape[0]], device=device), "sum").item())
-    max_label = int(_all_reduce(torch.tensor([local_max_label], device=device), "max").item())
+    n_train = all_reduce_scalar(bank.shape[0], "sum", device)
+    max_label = all_reduce_scalar(local_max_label, "max", device)
     if n_train == 0:
         raise ValueError("the train set is empty: no features to search")
     if num_classes is None:
@@ -306,14 +308,9 @@ def knn_classify(
     results = []
     for k in ks:
         k_eff = min(k, n_train)
-        rank = rank_of_true_class(class_scores(neighbours, k_eff, num_classes, temperature), targets)
-        counts = torch.tensor([(rank == 0).sum(), (rank < 5).sum(), rank.numel()], dtype=torch.long, device=device)
-        top1, top5, total = (int(v) for v in _all_reduce(counts, "sum").tolist())
+        true_rank = rank_of_true_class(class_scores(neighbours, k_eff, num_classes, temperature), targets)
+        counts = torch.tensor([(true_rank == 0).sum(), (true_rank < 5).sum(), true_rank.numel()], dtype=torch.long,
+                              device=device)
+        top1, top5, total = (int(v) for v in all_reduce_(counts, "sum").tolist())
         results.append(KnnCounts(k=k, k_effective=k_eff, top1_correct=top1, top5_correct=top5, total=total))
     return results
-
-
-def _all_reduce(t: torch.Tensor, op: str) -> torch.Tensor:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM if op == "sum" else torch_dist.ReduceOp.MAX)
-    return t

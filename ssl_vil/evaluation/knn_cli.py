@@ -14,19 +14,23 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ssl_vil.dist import DistInfo, barrier
-from ssl_vil.evaluation.process_group import eval_process_group
+from ssl_vil.config import ConfigError, engine
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
 from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.knn import BACKENDS, knn_classify
 from ssl_vil.evaluation.progress import Progress
-from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
+from ssl_vil.evaluation.reporting import setup_logging
 from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
+from ssl_vil.infra.files import write_json_atomic
 
 logger = logging.getLogger("ssl_vil.evaluation")
 
@@ -61,24 +65,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _checked(args: argparse.Namespace) -> argparse.Namespace:
-    if any(k < 1 for k in args.k):
-        raise SystemExit(f"--k values must be >= 1, got {args.k}")
-    if args.temperature <= 0:
-        raise SystemExit(f"--temperature must be > 0, got {args.temperature}")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    return args
+@dataclass(kw_only=True, slots=True)
+class KnnEvalConfig(Config):
+    """The evaluation's settings, typed and checked by the config engine: one field per flag of
+    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold."""
+
+    weights: str
+    model: str | None
+    train_data: str
+    val_data: str
+    train_split: str | None
+    val_split: str | None
+    k: list[int]
+    temperature: float
+    features: str
+    backend: str
+    faiss_fp16: bool
+    batch_size: int
+    num_workers: int
+    img_size: int | None
+    crop_pct: float | None
+    device: Literal["auto", "cpu", "cuda"]
+    output_dir: str | None
+
+    def validate(self) -> None:
+        if not self.k or any(k < 1 for k in self.k):
+            raise invalid("k", self.k, "neighbour counts >= 1")
+        if self.temperature <= 0:
+            raise invalid("temperature", self.temperature, "a positive temperature")
+        if self.batch_size < 1:
+            raise invalid("batch_size", self.batch_size, "an int >= 1")
+        if self.num_workers < 0:
+            raise invalid("num_workers", self.num_workers, "an int >= 0")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
+
+
+def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:
+    """The command line as a checked :class:`KnnEvalConfig` (a bad value exits with the key and what was expected)."""
+    parser = build_parser()
+    try:
+        return engine.from_flags(KnnEvalConfig, parser.parse_args(argv))
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0)."""
-    args = _checked(build_parser().parse_args(argv))
-    with eval_process_group(args.device) as dist:
+    args = parse_config(argv)
+    with process_group(args.device) as dist:
         return evaluate(args, dist)
 
 
-def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
+def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     """The k-NN evaluation for parsed ``args`` on this process (collective when distributed)."""
     t_start = time.perf_counter()
     setup_logging(dist.rank)
@@ -169,13 +208,11 @@ def _check_count(split: str, source: Any, read: int, device: torch.device) -> in
     """Samples the data layer skipped as unreadable (logged); raises if the count is off for any other reason."""
     if source.num_samples is None:
         return 0
-    issues = torch.tensor([sum(source.error_totals().values())], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(issues)
+    issues = all_reduce_scalar(sum(source.error_totals().values()), "sum", device)
     missing = source.num_samples - read
     if missing == 0:
         return 0
-    if 0 < missing <= int(issues.item()):
+    if 0 < missing <= issues:
         logger.warning("%s: %d of %d samples were unreadable and skipped (see the data warnings above)", split,
                        missing, source.num_samples)
         return missing
@@ -186,10 +223,7 @@ def _check_count(split: str, source: Any, read: int, device: torch.device) -> in
 def _feature_dim(sets: dict[str, feats.FeatureSet], device: torch.device) -> int:
     """Feature size, agreed across ranks (a rank with no samples has no tensor to read it from)."""
     local = max((s.features.shape[1] for s in sets.values() if s.features.numel()), default=0)
-    t = torch.tensor([local], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
+    return int(all_reduce_scalar(local, "max", device))
 
 
 def _as_features(x: torch.Tensor, dim: int) -> torch.Tensor:

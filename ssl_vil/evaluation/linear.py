@@ -19,8 +19,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
+
+from ssl_vil.infra.dist import all_reduce_, world_size
 
 # DINOv2's 13 base learning rates (scaled by batch / 256).
 DEFAULT_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
@@ -147,11 +148,9 @@ def train_step(grid: LinearGrid, optimizer: torch.optim.Optimizer, features: Gri
         losses = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
         losses = losses.view(logits.shape[0], -1).mean(dim=1)
         losses.sum().backward()
-    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+    if world_size() > 1:
         grads = [p.grad for p in grid.parameters()]
-        flat = torch.cat([g.flatten() for g in grads])
-        torch_dist.all_reduce(flat)
-        flat.div_(torch_dist.get_world_size())
+        flat = all_reduce_(torch.cat([g.flatten() for g in grads]), "mean")
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
     optimizer.step()
@@ -183,8 +182,7 @@ def evaluate(grid: LinearGrid, batches: Iterable[GridFeatures]) -> dict[str, Hea
         counts[:, 0] += hit[..., 0].sum(dim=1)
         counts[:, 1] += hit.any(dim=-1).sum(dim=1)
         counts[:, 2] += labels.numel()
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.all_reduce(counts)
+    all_reduce_(counts)
     grid.train()
     out = {}
     for spec, (c1, c5, total) in zip(grid.specs, counts.tolist()):

@@ -19,21 +19,26 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torchvision import transforms
 
-from ssl_vil.dist import DistInfo, barrier
-from ssl_vil.evaluation.process_group import eval_process_group
+from ssl_vil.config import ConfigError, engine
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
 from ssl_vil.evaluation import linear
 from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.progress import Progress
-from ssl_vil.evaluation.reporting import setup_logging, write_json_atomic
+from ssl_vil.evaluation.reporting import setup_logging
 from ssl_vil.evaluation.train_inputs import open_train_stream
 from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
+from ssl_vil.infra.files import write_json_atomic
+from ssl_vil.infra.precision import autocast
 
 logger = logging.getLogger("ssl_vil.evaluation")
 
@@ -82,7 +87,7 @@ def _extract_bank(batches: Iterable[dict[str, Any]], fn, device: torch.device, p
                   keep: Any = None) -> linear.FeatureBank:
     """Grid features of every sample (``keep(key)`` filters) on CPU float32."""
     cls_parts, avg_parts, labels, keys = [], [], [], []
-    with torch.no_grad(), feats.autocast_for(device):
+    with torch.no_grad(), autocast("auto", device):
         for batch in batches:
             cls, avg = fn(batch["images"].to(device, non_blocking=True))
             mask = [True] * len(batch["keys"]) if keep is None else [keep(k) for k in batch["keys"]]
@@ -98,23 +103,67 @@ def _extract_bank(batches: Iterable[dict[str, Any]], fn, device: torch.device, p
     return linear.FeatureBank(torch.cat(cls_parts), torch.cat(avg_parts), torch.cat(labels), keys)
 
 
-def _all_sum(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
-    return int(t.item())
+@dataclass(kw_only=True, slots=True)
+class LinearEvalConfig(Config):
+    """The evaluation's settings, typed and checked by the config engine: one field per flag of
+    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold."""
+
+    weights: str
+    model: str | None
+    train_data: str
+    val_data: str
+    train_split: str | None
+    val_split: str | None
+    lrs: list[float]
+    block_counts: list[int]
+    train_epochs: float | None
+    train_steps: int | None
+    batch_size: int
+    heldout_fraction: float
+    precompute_features: bool
+    num_workers: int
+    img_size: int | None
+    crop_pct: float | None
+    seed: int
+    device: Literal["auto", "cpu", "cuda"]
+    output_dir: str | None
+
+    def validate(self) -> None:
+        if not self.lrs or any(lr <= 0 for lr in self.lrs):
+            raise invalid("lrs", self.lrs, "positive learning rates")
+        if not self.block_counts or any(n < 1 for n in self.block_counts):
+            raise invalid("block_counts", self.block_counts, "block counts >= 1")
+        if self.train_epochs is not None and self.train_epochs <= 0:
+            raise invalid("train_epochs", self.train_epochs, "a positive number of epochs")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise invalid("train_steps", self.train_steps, "an int >= 1")
+        if self.batch_size < 1:
+            raise invalid("batch_size", self.batch_size, "an int >= 1")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise invalid("heldout_fraction", self.heldout_fraction, "a fraction in [0, 1)")
+        if self.num_workers < 0:
+            raise invalid("num_workers", self.num_workers, "an int >= 0")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
+
+
+def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
+    """The command line as a checked :class:`LinearEvalConfig` (a bad value exits with the key and what was
+    expected)."""
+    parser = build_parser()
+    try:
+        return engine.from_flags(LinearEvalConfig, parser.parse_args(argv))
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
-    linear.is_heldout("probe", args.heldout_fraction)  # validates the fraction before any work
-    with eval_process_group(args.device) as dist:
+    args = parse_config(argv)
+    with process_group(args.device) as dist:
         return evaluate(args, dist)
 
 
-def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
+def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
     """The linear-grid evaluation for parsed ``args`` on this process (collective when distributed)."""
     t_start = time.perf_counter()
     setup_logging(dist.rank)
@@ -127,8 +176,6 @@ def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     for p in model.parameters():
         p.requires_grad_(False)
     depth = len(model.blocks)
-    if any(n < 1 for n in args.block_counts):
-        raise SystemExit(f"--block-counts must be >= 1, got {args.block_counts}")
     block_counts = sorted({min(n, depth) for n in args.block_counts})
     if block_counts != sorted(set(args.block_counts)):
         logger.warning("model has %d block pairs: block counts %s capped to %s", depth, args.block_counts, block_counts)
@@ -163,12 +210,12 @@ def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                                         train_src.num_samples, enabled=dist.is_main), keep=keep)
     times["features_s"] = time.perf_counter() - t0
     fit_bank, heldout_bank = linear.split_heldout(train_bank, frac) if keep is None else (None, train_bank)
-    n_heldout = _all_sum(len(heldout_bank), device)
-    n_train_total = train_src.num_samples or _all_sum(len(train_bank), device)
+    n_heldout = all_reduce_scalar(len(heldout_bank), "sum", device)
+    n_train_total = train_src.num_samples or all_reduce_scalar(len(train_bank), "sum", device)
     n_fit = n_train_total - n_heldout
     num_classes = max(len(train_src.classes), int(val_bank.labels.max()) + 1 if len(val_bank) else 0,
                       int(heldout_bank.labels.max()) + 1 if len(heldout_bank) else 0)
-    num_classes = int(_all_max(num_classes, device))
+    num_classes = all_reduce_scalar(num_classes, "max", device)
     cls_dim = val_bank.cls.shape[2] if len(val_bank) else _probe_dims(grid_fn, img_size, device)[0]
     avg_dim = val_bank.avg.shape[1] if len(val_bank) else _probe_dims(grid_fn, img_size, device)[1]
 
@@ -203,7 +250,7 @@ def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                                               torch.empty(0, avg_dim, device=device),
                                               torch.empty(0, dtype=torch.long, device=device))
                     continue
-                with torch.no_grad(), feats.autocast_for(device):
+                with torch.no_grad(), autocast("auto", device):
                     cls, avg = grid_fn(batch["views"][idx].to(device, non_blocking=True))
                 yield linear.GridFeatures(cls.float(), avg.float(), batch["labels"][idx].to(device))
 
@@ -229,7 +276,7 @@ def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
         else "augmented images (bicubic RandomResizedCrop + flip)",
         "cls_pooling": cls_pooling, "img_size": img_size, "crop_pct": crop_pct,
         "n_train_fit": n_fit, "n_heldout": n_heldout, "heldout_fraction": frac,
-        "n_val": _all_sum(len(val_bank), device), "num_classes": num_classes,
+        "n_val": all_reduce_scalar(len(val_bank), "sum", device), "num_classes": num_classes,
         "global_batch_size": global_batch, "train_steps": total_steps,
         "train_epochs": total_steps / steps_per_epoch, "lrs": list(args.lrs), "block_counts": block_counts,
         "heldout_selected": rep.heldout_selected, "val_selected": rep.val_selected, "heads": rep.heads,
@@ -246,13 +293,6 @@ def evaluate(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
         print(summary, flush=True)
     barrier()
     return results
-
-
-def _all_max(value: int, device: torch.device) -> int:
-    t = torch.tensor([value], device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return int(t.item())
 
 
 def _probe_dims(fn, img_size: int, device: torch.device) -> tuple[int, int]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from datetime import timedelta
+
+from ssl_vil.infra.timing import format_duration
 
 logger = logging.getLogger("ssl_vil.evaluation")
 
 
-def _fmt_seconds(seconds: float) -> str:
-    return str(timedelta(seconds=int(max(seconds, 0))))
-
-
 class Progress:
-    """Counts processed items and logs ``desc: done/total (pct) rate/s ETA h:mm:ss`` every ``interval_s``.
+    """Counts processed items and logs ``desc: done/total (pct) rate/s ETA 4m12s`` every ``interval_s``.
 
     ``total`` may be None (unknown stream length): then no percentage/ETA is shown. Only the process with
     ``enabled=True`` (rank 0) reports. A tqdm bar replaces the log lines when stderr is a terminal.
@@ -46,10 +43,9 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         if self.total:
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            eta_txt = _fmt_seconds(eta) if rate > 0 else "?"
             return (f"{self.desc}: {self.done}/{self.total} {self.unit} ({100.0 * self.done / self.total:.1f}%), "
-                    f"{rate:.1f} {self.unit}/s, elapsed {_fmt_seconds(elapsed)}, ETA {eta_txt}")
-        return f"{self.desc}: {self.done} {self.unit}, {rate:.1f} {self.unit}/s, elapsed {_fmt_seconds(elapsed)}"
+                    f"{rate:.1f} {self.unit}/s, elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}")
+        return f"{self.desc}: {self.done} {self.unit}, {rate:.1f} {self.unit}/s, elapsed {format_duration(elapsed)}"
 
     def update(self, n: int) -> None:
         self.done += n
@@ -70,4 +66,5 @@ class Progress:
             self._bar.close()
         elapsed = self.elapsed_s
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        logger.info(f"{self.desc}: done, {self.done} {self.unit} in {_fmt_seconds(elapsed)} ({rate:.1f} {self.unit}/s)")
+        logger.info(f"{self.desc}: done, {self.done} {self.unit} in {format_duration(elapsed)} "
+                    f"({rate:.1f} {self.unit}/s)")

@@ -1,13 +1,9 @@
-"""Where evaluation results go: an atomically written JSON file and rank-0 log lines."""
+"""Where evaluation results go: rank-0 log lines (results files: :func:`ssl_vil.infra.files.write_json_atomic`)."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-from pathlib import Path
-from typing import Any
 
 
 def setup_logging(rank: int) -> None:
@@ -20,21 +16,3 @@ def setup_logging(rank: int) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def write_json_atomic(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` as indented JSON via a temp file + ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

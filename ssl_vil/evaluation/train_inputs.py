@@ -11,7 +11,7 @@ saved with ``state_dict()``. Batches are ``{"keys", "labels" (B,), "views" (B, 3
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchvision.datasets import ImageFolder
 
-from ssl_vil.data.cursor import EpochCursor
+from ssl_vil.data.cursor import EpochCursor, ResumableStream
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.evaluation.inputs import is_image_folder
 
@@ -70,8 +70,11 @@ class _EpochSamples(torch.utils.data.Dataset):
         return self.transform(self.folder.loader(path), generator), label, str(Path(path).relative_to(self.root))
 
 
-class ImageFolderTrainStream:
+class ImageFolderTrainStream(ResumableStream):
     """One rank's shuffled training batches from a torchvision ImageFolder (contract: module docstring)."""
+
+    cursor_format = IMAGEFOLDER_CURSOR_FORMAT
+    stream_name = "ImageFolder stream"
 
     def __init__(self, root: str, *, transform: SeededTransform, batch_size: int, seed: int, rank: int,
                  world_size: int, num_workers: int) -> None:
@@ -87,43 +90,13 @@ class ImageFolderTrainStream:
         self._cursor = EpochCursor(self._batches_per_epoch)
 
     @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self._batches_per_epoch
-
-    @property
-    def epoch(self) -> int:
-        """Epoch of the next batch (a finished epoch counts as the start of the next)."""
-        return self._cursor.epoch
-
-    @property
-    def batches_consumed(self) -> int:
-        return self._cursor.batches_consumed
-
-    @property
     def classes(self) -> tuple[str, ...]:
         return tuple(self.folder.classes)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"format": IMAGEFOLDER_CURSOR_FORMAT, **self._cursor.state(),
-                "seed": self.seed, "global_batch_size": self.global_batch_size, "num_samples": len(self.folder)}
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"seed": self.seed, "global_batch_size": self.global_batch_size, "num_samples": len(self.folder)}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        mine = self.state_dict()
-        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in ("format", "seed", "global_batch_size",
-                                                                           "num_samples") if state.get(k) != mine[k]]
-        if diff:
-            raise ValueError("data cursor does not match this ImageFolder stream: " + "; ".join(diff))
-        self._cursor.load(state)
-
-    def __len__(self) -> int:
-        return self._batches_per_epoch
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        epoch, first = self._cursor.begin()
+    def _epoch_batches(self, epoch: int, first: int) -> Generator[dict[str, Any], None, None]:
         order = torch.randperm(len(self.folder),
                                generator=make_generator(stable_seed(self.seed, "imagefolder-order", epoch))).tolist()
         g, b = self.global_batch_size, self.batch_size
@@ -134,10 +107,8 @@ class ImageFolderTrainStream:
             num_workers=self.num_workers, persistent_workers=False,
         )
         for index, (views, labels, keys) in enumerate(loader, start=first):
-            self._cursor.yielded(index)
             yield {"keys": list(keys), "labels": labels.long(), "views": views, "epoch": epoch,
                    "batch_in_epoch": index}
-        self._cursor.end(epoch)
 
 
 def open_train_stream(source: str, *, transform: Callable[[Any], torch.Tensor], batch_size: int, seed: int,

@@ -15,13 +15,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
+
 # Name fragment that marks the prototype layer's parameters (used by the optimizer param-group builder to
 # zero its learning rate for the first steps).
 LAST_LAYER_NAME = "last_layer"
 
 
 @dataclass(kw_only=True, slots=True)
-class DINOHeadConfig:
+class DINOHeadConfig(Config):
     """Hyper-parameters of a :class:`DINOHead` (the input dimension comes from the backbone).
 
     Attributes:
@@ -40,16 +43,16 @@ class DINOHeadConfig:
     bottleneck_dim: int = 256
     n_layers: int = 3
     batch_norm: bool = False
-    norm_last_layer: bool = False
+    norm_last_layer: bool = True
     l2_eps: float = 1e-6
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         for name in ("out_dim", "hidden_dim", "bottleneck_dim", "n_layers"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DINOHeadConfig.{name} must be a positive int, got {value!r}")
+            if value < 1:
+                raise invalid(name, value, "a positive integer")
         if not self.l2_eps > 0:
-            raise ValueError(f"DINOHeadConfig.l2_eps must be > 0, got {self.l2_eps!r}")
+            raise invalid("l2_eps", self.l2_eps, "a positive float")
 
 
 class DINOHead(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_vil.losses.distributed import all_reduce_
+from ssl_vil.infra.dist import all_reduce_
 from ssl_vil.losses.precision import at_least_fp32
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ssl_vil.infra.dist import all_reduce_
 from ssl_vil.losses.precision import at_least_fp32
-
-from ssl_vil.losses.distributed import all_reduce_
 
 
 @torch.no_grad()

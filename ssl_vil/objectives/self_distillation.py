@@ -1,4 +1,4 @@
-"""Student/teacher self-distillation (DINO, iBOT, DINOv2 share this machinery; they differ in loss weights).
+"""Student/teacher self-distillation: DINO, iBOT and DINOv2 are one objective with different loss weights.
 
 Per micro-batch, :meth:`SelfDistillationObjective.forward` runs the teacher (no grad) on the unmasked global
 crops and the student on the masked global crops and the local crops, and returns the weighted loss, its
@@ -19,13 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ssl_vil.backbones.pooling import pooled_dim
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
 from ssl_vil.heads import DINOHead, DINOHeadConfig, check_head_sharing
 from ssl_vil.losses import (
     EMACenter,
@@ -35,57 +37,72 @@ from ssl_vil.losses import (
     koleo_loss,
     sinkhorn_knopp,
 )
-from ssl_vil.losses.distributed import is_distributed
+from ssl_vil.infra.dist import is_distributed
 from ssl_vil.objectives.network import SSLNetwork
 from ssl_vil.teacher import ema_update, make_teacher
 
-CENTERING_MODES = ("ema", "sinkhorn_knopp")
+Centering = Literal["ema", "sinkhorn_knopp"]
+Pooling = Literal["bilateral_concat", "bilateral_avg", "avg", "first", "last", "middle"]
+CENTERING_MODES: tuple[str, ...] = get_args(Centering)
 
 
 @dataclass(kw_only=True, slots=True)
-class ObjectiveConfig:
-    """Settings of a :class:`SelfDistillationObjective`.
+class ObjectiveConfig(Config):
+    """Settings of a :class:`SelfDistillationObjective`; the run config's ``objective:`` section.
+
+    DINO, iBOT and DINOv2 are settings of this one class (the recipes state them): DINO has
+    ``ibot_weight = koleo_weight = 0``, iBOT ``koleo_weight = 0``, DINOv2 weights 1 / 1 / 0.1.
 
     Attributes:
-        pooling: pooled representation for the DINO head and KoLeo ("bilateral_concat", "bilateral_avg",
-            "avg", ...; see ``ssl_vil.backbones.pooling``).
+        pooling: pooled representation ("[CLS]") for the DINO head and KoLeo; see ``ssl_vil.backbones.pooling``.
         dino_head: DINO head settings.
-        ibot_head: iBOT head settings (None: same as ``dino_head``); ignored when ``shared_head``.
+        ibot_head: iBOT head settings; None: the same settings as ``dino_head``. Unused when ``shared_head``.
         shared_head: one head for both losses (needs pooled width == token width).
-        centering: "ema" (teacher centering) or "sinkhorn_knopp".
+        centering: teacher normalisation, "ema" (centering) or "sinkhorn_knopp".
         center_momentum: EMA momentum of the centers.
         sinkhorn_iterations: Sinkhorn-Knopp iterations.
         student_temp: student softmax temperature.
+        teacher_temp: teacher temperature after its warmup; warmup_teacher_temp: at step 0 (linear in between,
+            over ``schedule.teacher_temp_warmup_*``).
         dino_weight / ibot_weight / koleo_weight: loss weights; a zero weight removes the term (and, for
-            iBOT, the patch head and the student masking).
+            iBOT, the patch head, the student masking and the backbone's mask token).
         koleo_eps: KoLeo distance floor.
     """
 
-    pooling: str = "bilateral_concat"
+    pooling: Pooling = "bilateral_concat"
     dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
     ibot_head: DINOHeadConfig | None = None
     shared_head: bool = False
-    centering: str = "ema"
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
-    student_temp: float = 0.1
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
     koleo_weight: float = 0.1
     koleo_eps: float = 1e-8
+    centering: Centering = "ema"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
 
-    def __post_init__(self) -> None:
-        if self.centering not in CENTERING_MODES:
-            raise ValueError(f"ObjectiveConfig.centering must be one of {CENTERING_MODES}, got {self.centering!r}")
+    def validate(self) -> None:
         for name in ("dino_weight", "ibot_weight", "koleo_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"ObjectiveConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise invalid(name, getattr(self, name), "a non-negative loss weight")
         if self.dino_weight == 0:
-            raise ValueError("ObjectiveConfig.dino_weight must be > 0 (the image-level loss drives training)")
-        if self.student_temp <= 0:
-            raise ValueError(f"ObjectiveConfig.student_temp must be > 0, got {self.student_temp}")
+            raise invalid("dino_weight", self.dino_weight, "a positive weight (the image-level loss drives training)")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            if getattr(self, name) <= 0:
+                raise invalid(name, getattr(self, name), "a positive temperature")
+        if not 0.0 <= self.center_momentum < 1.0:
+            raise invalid("center_momentum", self.center_momentum, "a momentum in [0, 1)")
         if self.sinkhorn_iterations < 1:
-            raise ValueError(f"ObjectiveConfig.sinkhorn_iterations must be >= 1, got {self.sinkhorn_iterations}")
+            raise invalid("sinkhorn_iterations", self.sinkhorn_iterations, "a positive integer")
+        if not self.koleo_eps > 0:
+            raise invalid("koleo_eps", self.koleo_eps, "a positive float")
+        if self.shared_head and not self.uses_ibot:
+            raise invalid("shared_head", True, "false when ibot_weight is 0 (there is no iBOT head to share)")
+        if self.shared_head and self.ibot_head is not None and self.ibot_head != self.dino_head:
+            raise invalid("shared_head", True, "false, or ibot_head null or equal to dino_head (one head serves both)")
 
     @property
     def uses_ibot(self) -> bool:
@@ -94,6 +111,11 @@ class ObjectiveConfig:
     @property
     def uses_koleo(self) -> bool:
         return self.koleo_weight > 0
+
+
+def build_objective(backbone: nn.Module, cfg: ObjectiveConfig) -> SelfDistillationObjective:
+    """The objective around the student ``backbone``; it needs a mask token iff ``cfg.ibot_weight > 0``."""
+    return SelfDistillationObjective(backbone, cfg)
 
 
 class SelfDistillationObjective(nn.Module):

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ssl_vil.augment.presets import build_multicrop
+from ssl_vil.augment.presets import multicrop_from_config
 from ssl_vil.config import RunConfig
 from ssl_vil.data.train_stream import TrainStream, build_train_stream
 from ssl_vil.infra.dist import DistInfo
@@ -16,16 +16,10 @@ from ssl_vil.masking import MultiCropMaskCollate
 
 def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
     """One rank's stream of micro-batches (``derived.micro_batch_size`` each; a step takes ``grad_accum_steps``)."""
-    a, d, o = cfg.data.augment, cfg.data, cfg.objective
-    extra: dict[str, Any] = {}
-    if a.preset != "digits":
-        extra["dinov2_blur_bug"] = a.blur == "dinov2"
-    transform = build_multicrop(a.preset, global_size=a.global_size, local_size=a.local_size, n_global=a.n_global,
-                                n_local=a.n_local, global_scale=a.global_scale, local_scale=a.local_scale,
-                                mean=a.mean, std=a.std, **extra)
+    a, d = cfg.data.augment, cfg.data
+    transform = multicrop_from_config(a)
     grid = a.global_size // cfg.model.patch_size
-    collate = MultiCropMaskCollate((grid, grid), a.n_global, a.n_local, mask_probability=o.mask_probability,
-                                   mask_ratio=(o.mask_ratio_min, o.mask_ratio_max), mode=o.mask_mode)
+    collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
     return build_train_stream(
         d.train, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
         world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,

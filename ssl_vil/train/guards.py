@@ -15,16 +15,16 @@ All three keep their counters in ``state_dict()`` so a resumed run takes the sam
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections import deque
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
 import torch.distributed as dist
+
+from ssl_vil.infra.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +180,12 @@ class FiniteGuard:
         return False
 
     def _write_keys(self, step: int, local_bad: list[str], batch_keys: list[str]) -> None:
-        """Write this rank's batch keys if this rank saw a non-finite value (tmp + rename: never half-written)."""
+        """Write this rank's batch keys if this rank saw a non-finite value (atomically: never half-written)."""
         if not local_bad:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / f"nonfinite_step{step}_rank{self.rank}.json"
-        tmp = path.with_suffix(".json.tmp")
         record = {"step": step, "rank": self.rank, "policy": self.policy, "terms": local_bad,
                   "batch_keys": list(batch_keys)}
-        tmp.write_text(json.dumps(record, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(self.run_dir / f"nonfinite_step{step}_rank{self.rank}.json", record, indent=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_total": self.skipped_total, "consecutive": self.consecutive}

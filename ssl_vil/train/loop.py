@@ -25,7 +25,7 @@ from ssl_vil.infra.dist import DistInfo, barrier, is_distributed
 from ssl_vil.export import export_run
 from ssl_vil.infra.precision import autocast, resolve_precision
 from ssl_vil.infra.timing import StepTimer
-from ssl_vil.train.build import build_optimizer, build_ssl_objective, schedule_config
+from ssl_vil.train.build import build_optimizer, build_ssl_objective
 from ssl_vil.train.checkpointing import Checkpointer, Progress
 from ssl_vil.train.data import batches_forever, build_stream
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
@@ -138,7 +138,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
         git_sha=git_sha(), payload=payload,
         loop_state={"data": stream, "finite_guard": finite, "spike_guard": spike, "collapse": collapse})
     step = StepComponents(
-        objective=objective, student=student, optimizer=optimizer, schedule=schedule_config(cfg),
+        objective=objective, student=student, optimizer=optimizer, schedule=cfg,
         guard=StepGuard(finite, spike, preempt, rank=dist.rank, world_size=dist.world_size), collapse=collapse,
         clip_grad_norm=cfg.optim.clip_grad_norm, autocast=functools.partial(autocast, precision, dist.device),
         scaler=scaler)

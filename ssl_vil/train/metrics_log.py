@@ -12,8 +12,9 @@ and an event record carries an ``"event"`` field: ``{"event": "skipped_step", "t
 ``step`` counts completed optimizer steps, so the last record of a finished run has ``step == total_steps``.
 Python's ``json`` writes non-finite floats as ``NaN`` / ``Infinity`` (a skipped step's loss may be NaN).
 
-On a resume from step S the logger drops every line with ``step > S`` (written after the checkpoint by the
-interrupted attempt), so the file never holds a step twice; TensorBoard is told the same through ``purge_step``.
+On a resume from step S the logger cuts the file back to what was written up to step S (the rule of
+:meth:`ssl_vil.infra.files.JsonlLog.truncate_after`), so the file never holds a step twice; TensorBoard is told
+the same through ``purge_step``. Step timing and durations come from :mod:`ssl_vil.infra.timing`.
 
 Progress goes to stdout as plain lines (Slurm logs are files, where tqdm's carriage returns are noise); a tqdm bar is
 used only when stdout is a TTY, on rank 0 (``TQDM_DISABLE=1`` turns it off).
@@ -21,20 +22,17 @@ used only when stdout is a TTY, on rank 0 (``TQDM_DISABLE=1`` turns it off).
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-log = logging.getLogger(__name__)
+from ssl_vil.infra.files import JsonlLog
+from ssl_vil.infra.timing import StepTiming, format_duration, is_due
 
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
@@ -45,100 +43,6 @@ _RESERVED = frozenset({
     "step", "samples_seen", "epoch", "time_s", "losses", "diagnostics", "img_per_s", "data_wait_fraction",
     "step_time_s", "max_memory_mb", "event",
 })
-
-
-@dataclass(frozen=True)
-class StepTiming:
-    """Wall-clock totals over a window of steps (seconds, samples summed over the window)."""
-
-    steps: int
-    samples: int
-    data_wait_s: float
-    compute_s: float
-
-    @property
-    def step_time_s(self) -> float:
-        return (self.data_wait_s + self.compute_s) / self.steps if self.steps else math.nan
-
-    @property
-    def img_per_s(self) -> float:
-        total_s = self.data_wait_s + self.compute_s
-        return self.samples / total_s if total_s > 0 else math.nan
-
-    @property
-    def data_wait_fraction(self) -> float:
-        total_s = self.data_wait_s + self.compute_s
-        return self.data_wait_s / total_s if total_s > 0 else math.nan
-
-
-class StepTimer:
-    """Splits each step's wall time into data wait (until the batch arrives) and compute (the rest).
-
-    ::
-
-        timer.start()
-        for batch in loader:            # the wait for ``batch`` counts as data wait
-            timer.data_ready()
-            ...forward / backward / step...
-            timer.step_done(global_batch_size)
-            if logger.should_log(step):
-                logger.log_step(..., timing=timer.pop_window())
-
-    CUDA work is asynchronous, so single-step compute times are only meaningful once something syncs; over a
-    logging window (which ends with a host sync for the loss values) the totals are right.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self._clock = clock
-        self._mark = clock()
-        self._data_at: float | None = None
-        self.reset_window()
-
-    def start(self) -> None:
-        """Restart the clock (e.g. after evaluation or checkpointing) and clear the window."""
-        self._mark = self._clock()
-        self._data_at = None
-        self.reset_window()
-
-    def data_ready(self) -> None:
-        self._data_at = self._clock()
-        self._data_wait_s += self._data_at - self._mark
-
-    def step_done(self, samples: int) -> None:
-        """``samples``: images the step consumed on all ranks together, so ``img_per_s`` is the job's throughput."""
-        if self._data_at is None:
-            raise RuntimeError("StepTimer.step_done() without data_ready() for this step")
-        now = self._clock()
-        self._compute_s += now - self._data_at
-        self._steps += 1
-        self._samples += samples
-        self._mark, self._data_at = now, None
-
-    def window(self) -> StepTiming:
-        return StepTiming(self._steps, self._samples, self._data_wait_s, self._compute_s)
-
-    def reset_window(self) -> None:
-        self._steps = self._samples = 0
-        self._data_wait_s = self._compute_s = 0.0
-
-    def pop_window(self) -> StepTiming:
-        timing = self.window()
-        self.reset_window()
-        return timing
-
-
-def format_duration(seconds: float) -> str:
-    """``252`` -> ``"4m12s"``, ``3720`` -> ``"1h02m"``, ``9`` -> ``"9s"``; ``"?"`` when unknown."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    if h:
-        return f"{h}h{m:02d}m"
-    if m:
-        return f"{m}m{s:02d}s"
-    return f"{s}s"
 
 
 def format_progress(
@@ -220,16 +124,12 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.tensorboard = tensorboard
         self.path = self.run_dir / METRICS_FILE
-        self._file = None
         self._tb = None
         self._tb_purge_step: int | None = start_step + 1 if start_step > 0 else None
         self._bar = None
+        self._log = JsonlLog(self.path, resume_step=start_step, enabled=rank == 0, default=_json_default)
         if rank != 0:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            self.truncate_after(start_step)
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: a crash loses at most the current line
         if sys.stdout.isatty():
             from tqdm import tqdm
 
@@ -241,7 +141,7 @@ class MetricsLogger:
 
     def should_log(self, step: int) -> bool:
         """True every ``log_every_steps`` steps and at the last step."""
-        return step % self.log_every_steps == 0 or step == self.total_steps
+        return is_due(step, self.log_every_steps, total_steps=self.total_steps)
 
     def log_step(
         self,
@@ -261,7 +161,7 @@ class MetricsLogger:
             losses: objective outputs by name; ``"loss"`` is the total (``{"loss", "dino", "ibot", "koleo"}``).
             diagnostics: e.g. ``{"teacher_entropy_ratio": 0.81}`` (shown as ``H/lnK`` in the progress line).
             schedules: schedule values at this step, stored top-level (``lr``, ``wd``, ``momentum``, ``teacher_temp``).
-            timing: the :class:`StepTimer` window since the last logged step.
+            timing: the :class:`ssl_vil.infra.timing.StepTimer` window since the last logged step.
             scalars: any further top-level scalars (e.g. ``knn_top1``).
 
         Returns the record written (None on ranks other than 0).
@@ -290,9 +190,7 @@ class MetricsLogger:
         self._write_tensorboard(record, schedules, scalars)
 
         if self.should_log(step):
-            eta_s = None
-            if timing is not None and timing.steps:
-                eta_s = timing.step_time_s * max(self.total_steps - step, 0)
+            eta_s = timing.eta_s(self.total_steps - step) if timing is not None and timing.steps else None
             line = format_progress(
                 step, self.total_steps, eta_s=eta_s,
                 img_per_s=record.get("img_per_s"), data_wait_fraction=record.get("data_wait_fraction"),
@@ -322,36 +220,11 @@ class MetricsLogger:
         return record
 
     def truncate_after(self, step: int) -> int:
-        """Drop every line with ``"step" > step``, step-less lines after the first dropped one, and unparsable
-        lines (a line cut short by a crash). Rewrites the file atomically; returns the number of lines dropped."""
-        if not self.active or not self.path.exists():
+        """Cut ``metrics.jsonl`` back to step ``step`` (:meth:`ssl_vil.infra.files.JsonlLog.truncate_after`) and
+        hide later TensorBoard events; returns the number of lines dropped."""
+        if not self.active:
             return 0
-        was_open = self._file is not None
-        if was_open:
-            self._file.close()
-        kept, dropped, past_resume_point = [], 0, False
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                dropped += 1
-                continue
-            record_step = record.get("step")
-            if record_step is not None and record_step > step:
-                past_resume_point = True
-            if past_resume_point and (record_step is None or record_step > step):
-                dropped += 1
-                continue
-            kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, self.path)
-        if dropped:
-            log.info("%s: dropped %d line(s) after step %d from an earlier attempt", self.path, dropped, step)
-        if was_open:
-            self._file = open(self.path, "a", buffering=1)
+        dropped = self._log.truncate_after(step)
         # TensorBoard keeps its own files: ask the next writer to hide events after `step`.
         self._tb_purge_step = step + 1
         if self._tb is not None:
@@ -360,8 +233,7 @@ class MetricsLogger:
         return dropped
 
     def _write(self, record: Mapping[str, Any]) -> None:
-        assert self._file is not None
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._log.write(record)
 
     def _write_tensorboard(self, record: Mapping[str, Any], schedules: Mapping[str, float],
                            scalars: Mapping[str, Any]) -> None:
@@ -384,9 +256,7 @@ class MetricsLogger:
             self._tb.add_scalar(tag, value, global_step=step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._log.close()
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -15,7 +15,6 @@ While the flag is installed it replaces the handlers that were there before, inc
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from types import FrameType
@@ -23,8 +22,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
-
-from ssl_vil.faults import fault_matches
 
 # Exit status of a run that saved a checkpoint because it was asked to stop and wants to be requeued.
 # EX_TEMPFAIL from sysexits.h ("temporary failure, the user is invited to retry"). It is distinct from Python's
@@ -112,20 +109,3 @@ def ignore_in_worker(worker_id: int = 0, signals: Sequence[int] = DEFAULT_SIGNAL
     """
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def maybe_inject_signal(step: int, rank: int) -> bool:
-    """Fault ``SSL_VIL_FAULT=signal:step=N,rank=R[,sig=TERM]``: send the signal to this process at that step.
-
-    Returns True when the signal was sent. Python runs the handler before the next bytecode, so the flag is set
-    when this returns.
-    """
-    args = fault_matches("signal", step=step, rank=rank)
-    if args is None:
-        return False
-    name = args.get("sig", "USR2").upper()
-    sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
-    if not isinstance(sig, signal.Signals):
-        raise ValueError(f"SSL_VIL_FAULT signal: unknown signal {args['sig']!r} (expected e.g. USR2 or TERM)")
-    os.kill(os.getpid(), sig)
-    return True

@@ -12,8 +12,6 @@ Layout::
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -21,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from ssl_vil.config import ConfigError, RunConfig, diff_configs, load_config, to_yaml
+from ssl_vil.infra.files import write_json_atomic, write_text_atomic
 
 PACKAGES = ("torch", "torchvision", "timm", "lightly", "webdataset", "submitit", "numpy", "faiss-cpu", "faiss-gpu")
 
@@ -59,16 +58,10 @@ def check_resume_compatible(run_dir: Path, cfg: RunConfig) -> None:
                           f"Use a new --output-dir, or revert these overrides to resume.")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, *, is_main: bool) -> None:
     """Create the run dir and record config + environment (rank 0 only; others just check)."""
     check_resume_compatible(run_dir, cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-        write_atomic(run_dir / "environment.json", json.dumps(environment_record(cfg.derived.world_size), indent=2))
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        write_json_atomic(run_dir / "environment.json", environment_record(cfg.derived.world_size))

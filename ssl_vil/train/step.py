@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ssl_vil.objectives import SelfDistillationObjective
-from ssl_vil.schedules import ScheduleConfig, apply_schedules
+from ssl_vil.config import RunConfig
+from ssl_vil.schedules import apply_schedules
 from ssl_vil.train.guards import CollapseDetector
 from ssl_vil.train.step_guard import StepGuard, Verdict
 
@@ -32,7 +33,7 @@ class StepComponents:
     objective: SelfDistillationObjective
     student: nn.Module  # what the forward goes through: objective.student, or its DDP / compiled wrapper
     optimizer: torch.optim.Optimizer
-    schedule: ScheduleConfig
+    schedule: RunConfig  # the schedules are pure functions of (step, resolved run config)
     guard: StepGuard
     collapse: CollapseDetector
     clip_grad_norm: float | None

@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
-import math
 import os
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator
-
-from ssl_vil.faults import fault_matches
 
 HANG_EXIT_CODE = 86
 
@@ -107,15 +104,3 @@ class HangWatchdog:
         with contextlib.suppress(Exception):
             sys.stdout.flush()
         os._exit(self.exit_code)
-
-
-def maybe_inject_sleep(step: int, rank: int) -> None:
-    """Fault ``SSL_VIL_FAULT=sleep:rank=R,step=N,secs=S`` (``secs=inf`` sleeps forever): stall this rank."""
-    args = fault_matches("sleep", step=step, rank=rank)
-    if args is None:
-        return
-    secs = float(args.get("secs", "inf"))
-    if math.isinf(secs):
-        while True:
-            time.sleep(3600)
-    time.sleep(secs)

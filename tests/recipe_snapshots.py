@@ -1,4 +1,4 @@
-"""Resolved-recipe snapshots: ``python -m ssl_vil.config.snapshot [--write]``.
+"""Resolved-recipe snapshots: ``python tests/recipe_snapshots.py [--write]``.
 
 Every pretraining recipe in ``recipes/`` is resolved (world size 1) and compared with
 ``tests/snapshots/<recipe>.resolved.yaml``, so a drifted default shows up as a failing test. ``--write``
@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssl_vil.config.load import load_config, to_yaml
+from ssl_vil.config import load_config, to_yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SNAPSHOTS = ROOT / "tests" / "snapshots"
 

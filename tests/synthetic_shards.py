@@ -16,7 +16,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from ssl_vil.data.atomic import atomic_output
+from ssl_vil.infra.files import atomic_output
 from ssl_vil.data.manifest import Manifest, ShardInfo, write_manifest
 from ssl_vil.data.shard_writer import file_sha256
 
