@@ -23,14 +23,13 @@ handler directly, which requeues through the same :meth:`EntryJob.checkpoint`.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import signal
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable
 
 import submitit
@@ -41,9 +40,10 @@ from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 from cluster.dist_env import DistributedEnv, export_distributed_env, restart_count
 
 ENTRY_TRAIN = "train"
-# Evaluation entries: scripts under the project's eval/ folder, each with ``main(argv: list[str])``.
-EVAL_SCRIPTS = {"knn": "eval/knn.py", "linear": "eval/linear.py", "finetune": "eval/finetune.py"}
-ENTRIES = (ENTRY_TRAIN, *EVAL_SCRIPTS)
+# Every entry is an importable module with ``main(argv: list[str])``; the eval/*.py scripts call the same ones.
+ENTRY_MODULES = {ENTRY_TRAIN: "ssl_vil.train.cli", "knn": "ssl_vil.evaluation.knn_cli",
+                 "linear": "ssl_vil.evaluation.linear_cli", "finetune": "ssl_vil.evaluation.finetune_cli"}
+ENTRIES = tuple(ENTRY_MODULES)
 EVENTS_FILENAME = "launcher_events.jsonl"
 # How long ranks > 0 wait for rank 0 to requeue the job (it only pickles the next submission and runs
 # `scontrol requeue`, which takes seconds) before they give up with an error.
@@ -54,30 +54,15 @@ EntryMain = Callable[[list[str]], Any]
 
 
 def load_entry(entry: str, repo_root: Path) -> tuple[EntryMain, int | None]:
-    """``(main, requeue_exit_code)`` of an entry; the code is None for entries that do not save on a signal."""
-    if entry == ENTRY_TRAIN:
-        from ssl_vil.train import cli
+    """``(main, requeue_exit_code)`` of an entry; the code is None for entries that do not save on a signal.
 
-        return cli.main, cli.REQUEUE_EXIT_CODE
-    if entry not in EVAL_SCRIPTS:
+    ``repo_root`` is put first on ``sys.path`` so the job runs the code of the checkout it was submitted from."""
+    if entry not in ENTRY_MODULES:
         raise ValueError(f"--entry: got {entry!r}, expected one of {', '.join(ENTRIES)}")
-    path = Path(repo_root) / EVAL_SCRIPTS[entry]
-    if not path.is_file():
-        raise FileNotFoundError(f"--entry {entry}: {path} not found")
-    module = _import_script(path, f"ssl_vil_eval_entry_{entry}")
-    main = getattr(module, "main", None)
-    if not callable(main):
-        raise AttributeError(f"--entry {entry}: {path} has no main(argv) function")
-    return main, getattr(module, "REQUEUE_EXIT_CODE", None)
-
-
-def _import_script(path: Path, name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None, path
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    if str(repo_root) not in sys.path:
+        sys.path.insert(0, str(repo_root))
+    module = importlib.import_module(ENTRY_MODULES[entry])
+    return module.main, getattr(module, "REQUEUE_EXIT_CODE", None)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -360,6 +360,14 @@ def from_flags(cls: type[T], flags: argparse.Namespace) -> T:
     return build(cls, vars(flags))
 
 
+def parse_flags(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> T:
+    """``argv`` parsed by ``parser`` as a checked ``cls``; a bad value exits 2 with the key and what was expected."""
+    try:
+        return from_flags(cls, parser.parse_args(argv))
+    except ConfigError as err:
+        parser.error(str(err))
+
+
 def diff(a: Any, b: Any, *, ignore_prefixes: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ between two config trees, skipping ``ignore_prefixes``."""
     ignore = tuple(ignore_prefixes)

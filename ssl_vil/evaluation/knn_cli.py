@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from ssl_vil.config import ConfigError, engine
+from ssl_vil.config import engine
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
@@ -102,12 +102,8 @@ class KnnEvalConfig(Config):
 
 
 def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:
-    """The command line as a checked :class:`KnnEvalConfig` (a bad value exits with the key and what was expected)."""
-    parser = build_parser()
-    try:
-        return engine.from_flags(KnnEvalConfig, parser.parse_args(argv))
-    except ConfigError as err:
-        parser.error(str(err))
+    """The command line as a checked :class:`KnnEvalConfig`."""
+    return engine.parse_flags(KnnEvalConfig, build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

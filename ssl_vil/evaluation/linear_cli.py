@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torchvision import transforms
 
-from ssl_vil.config import ConfigError, engine
+from ssl_vil.config import engine
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
@@ -148,13 +148,8 @@ class LinearEvalConfig(Config):
 
 
 def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
-    """The command line as a checked :class:`LinearEvalConfig` (a bad value exits with the key and what was
-    expected)."""
-    parser = build_parser()
-    try:
-        return engine.from_flags(LinearEvalConfig, parser.parse_args(argv))
-    except ConfigError as err:
-        parser.error(str(err))
+    """The command line as a checked :class:`LinearEvalConfig`."""
+    return engine.parse_flags(LinearEvalConfig, build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
