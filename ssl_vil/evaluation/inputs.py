@@ -11,14 +11,43 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
+from ssl_vil.config.engine import Config
+from ssl_vil.config.errors import invalid
+
 # DINO / DINOv2 k-NN and linear eval: resize 256 -> center crop 224, i.e. crop fraction 0.875.
 DEFAULT_CROP_PCT = 0.875
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalInputsConfig(Config):
+    """What every evaluation CLI reads: the weights, the train/val data, how to load it, where to write."""
+
+    weights: str
+    model: str | None
+    train_data: str
+    val_data: str
+    train_split: str | None
+    val_split: str | None
+    batch_size: int
+    num_workers: int
+    img_size: int | None
+    crop_pct: float | None
+    device: Literal["auto", "cpu", "cuda"]
+    output_dir: str | None
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise invalid("batch_size", self.batch_size, "an int >= 1")
+        if self.num_workers < 0:
+            raise invalid("num_workers", self.num_workers, "an int >= 0")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
 
 
 def eval_transform(img_size: int, mean: Iterable[float], std: Iterable[float],

@@ -16,15 +16,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from ssl_vil.config import engine
-from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
-from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
+from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.knn import BACKENDS, knn_classify
 from ssl_vil.evaluation.progress import Progress
 from ssl_vil.evaluation.reporting import setup_logging
@@ -66,39 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @dataclass(kw_only=True, slots=True)
-class KnnEvalConfig(Config):
+class KnnEvalConfig(EvalInputsConfig):
     """The evaluation's settings, typed and checked by the config engine: one field per flag of
-    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold."""
+    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold; the
+    inputs' fields come from :class:`EvalInputsConfig`."""
 
-    weights: str
-    model: str | None
-    train_data: str
-    val_data: str
-    train_split: str | None
-    val_split: str | None
     k: list[int]
     temperature: float
     features: str
     backend: str
     faiss_fp16: bool
-    batch_size: int
-    num_workers: int
-    img_size: int | None
-    crop_pct: float | None
-    device: Literal["auto", "cpu", "cuda"]
-    output_dir: str | None
 
     def validate(self) -> None:
+        EvalInputsConfig.validate(self)  # explicit: slots=True rebuilds the class, which zero-arg super() misses
         if not self.k or any(k < 1 for k in self.k):
             raise invalid("k", self.k, "neighbour counts >= 1")
         if self.temperature <= 0:
             raise invalid("temperature", self.temperature, "a positive temperature")
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an int >= 1")
-        if self.num_workers < 0:
-            raise invalid("num_workers", self.num_workers, "an int >= 0")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
 
 
 def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:

@@ -21,17 +21,16 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torchvision import transforms
 
 from ssl_vil.config import engine
-from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 from ssl_vil.evaluation import features as feats
 from ssl_vil.evaluation import linear
-from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, default_split, eval_transform, open_eval_source
+from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
 from ssl_vil.evaluation.progress import Progress
 from ssl_vil.evaluation.reporting import setup_logging
 from ssl_vil.evaluation.train_inputs import open_train_stream
@@ -104,31 +103,21 @@ def _extract_bank(batches: Iterable[dict[str, Any]], fn, device: torch.device, p
 
 
 @dataclass(kw_only=True, slots=True)
-class LinearEvalConfig(Config):
+class LinearEvalConfig(EvalInputsConfig):
     """The evaluation's settings, typed and checked by the config engine: one field per flag of
-    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold."""
+    :func:`build_parser` (``--train-data X`` is ``train_data``), whose defaults the flags hold; the
+    inputs' fields come from :class:`EvalInputsConfig`."""
 
-    weights: str
-    model: str | None
-    train_data: str
-    val_data: str
-    train_split: str | None
-    val_split: str | None
     lrs: list[float]
     block_counts: list[int]
     train_epochs: float | None
     train_steps: int | None
-    batch_size: int
     heldout_fraction: float
     precompute_features: bool
-    num_workers: int
-    img_size: int | None
-    crop_pct: float | None
     seed: int
-    device: Literal["auto", "cpu", "cuda"]
-    output_dir: str | None
 
     def validate(self) -> None:
+        EvalInputsConfig.validate(self)  # explicit: slots=True rebuilds the class, which zero-arg super() misses
         if not self.lrs or any(lr <= 0 for lr in self.lrs):
             raise invalid("lrs", self.lrs, "positive learning rates")
         if not self.block_counts or any(n < 1 for n in self.block_counts):
@@ -137,14 +126,8 @@ class LinearEvalConfig(Config):
             raise invalid("train_epochs", self.train_epochs, "a positive number of epochs")
         if self.train_steps is not None and self.train_steps < 1:
             raise invalid("train_steps", self.train_steps, "an int >= 1")
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an int >= 1")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise invalid("heldout_fraction", self.heldout_fraction, "a fraction in [0, 1)")
-        if self.num_workers < 0:
-            raise invalid("num_workers", self.num_workers, "an int >= 0")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
 
 
 def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
