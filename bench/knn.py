@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ssl_vil.evaluation.knn import search_faiss, search_torch
+from ssl_vil.eval.knn_search import search_faiss, search_torch
 
 
 def make_features(n: int, dim: int, centers: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

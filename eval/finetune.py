@@ -2,10 +2,10 @@
 
     python eval/finetune.py --config recipes/finetune_digits.yaml --output-dir OUT [--weights W] [key=value ...]
 
-See ``python eval/finetune.py --help``; the implementation lives in :mod:`ssl_vil.evaluation.finetune_loop`.
+See ``python eval/finetune.py --help``; the implementation lives in :mod:`ssl_vil.eval.finetune_loop`.
 """
 
-from ssl_vil.evaluation.finetune_cli import main
+from ssl_vil.eval.finetune import main
 
 if __name__ == "__main__":
     main()

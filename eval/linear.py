@@ -2,10 +2,10 @@
 
     python eval/linear.py --weights RUN_DIR --train-data D --val-data D [--precompute-features] [--output-dir OUT]
 
-See ``python eval/linear.py --help``; the implementation lives in :mod:`ssl_vil.evaluation.linear_cli`.
+See ``python eval/linear.py --help``; the implementation lives in :mod:`ssl_vil.eval.linear`.
 """
 
-from ssl_vil.evaluation.linear_cli import main
+from ssl_vil.eval.linear import main
 
 if __name__ == "__main__":
     main()

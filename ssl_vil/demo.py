@@ -45,7 +45,7 @@ def _random_init_export(run_dir: Path, out: Path, seed: int) -> Path:
 
 
 def _knn20(weights: Path, train: Path, val: Path, out: Path) -> float:
-    from ssl_vil.evaluation.knn_cli import main as knn
+    from ssl_vil.eval.knn import main as knn
 
     res = knn(["--weights", str(weights), "--train-data", str(train), "--val-data", str(val), "--k", "10", "20",
                "--num-workers", "0", "--output-dir", str(out)])

@@ -132,7 +132,7 @@ def test_the_recipe_states_the_method():
 
 
 def test_finetune_config_uses_the_same_engine():
-    from ssl_vil.evaluation import finetune_config
+    from ssl_vil.eval import finetune_config
 
     assert not any(hasattr(finetune_config, name) for name in ("_coerce", "_build", "_merge"))
     with pytest.raises(ConfigError, match="optim.train_epochs: unknown key; did you mean schedule.train_epochs?"):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ssl_vil.config import ConfigError
-from ssl_vil.evaluation import finetune as ft
-from ssl_vil.evaluation.finetune_config import load_finetune_config
+from ssl_vil.eval import finetune_setup as ft
+from ssl_vil.eval.finetune_config import load_finetune_config
 from ssl_vil.infra.files import read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_every_finetune_recipe_loads_and_documents_itself(recipe):
 
 
 def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
-    from ssl_vil.evaluation.finetune_cli import main
+    from ssl_vil.eval.finetune import main
 
     torch.set_num_threads(1)
     res = main(["--config", str(RECIPE), "--output-dir", str(tmp_path),
@@ -205,7 +205,7 @@ def test_imagefolder_train_stream_is_exactly_once_and_resumes(tmp_path):
     from test_eval_knn_cli import _image_folder_from_digits
     from timm.data import create_transform
 
-    from ssl_vil.evaluation.train_inputs import open_train_stream
+    from ssl_vil.eval.train_inputs import open_train_stream
 
     _image_folder_from_digits(tmp_path, n_train=100, n_val=0)
     root = str(tmp_path / "train")

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from ssl_vil.evaluation import knn
+from ssl_vil.eval import knn_search as knn
 
 
 def _random_problem(seed: int, n_train: int, n_query: int, dim: int, num_classes: int):
@@ -169,7 +169,7 @@ def test_distributed_equals_single_process(tmp_path):
 
 
 def test_feature_extraction_rejects_a_sample_read_twice():
-    from ssl_vil.evaluation import features
+    from ssl_vil.eval import features
 
     batches = [{"keys": ["a", "b"], "labels": [0, 1], "images": torch.zeros(2, 3)},
                {"keys": ["c", "a"], "labels": [2, 0], "images": torch.zeros(2, 3)}]
@@ -181,7 +181,7 @@ def test_feature_extraction_rejects_a_sample_read_twice():
 
 
 def test_pooled_feature_specs():
-    from ssl_vil.evaluation import features
+    from ssl_vil.eval import features
 
     tokens = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     cls = features.pooled_features(tokens, "cls")

@@ -115,7 +115,7 @@ def small_digits(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_imagefolder_equals_shards_and_torchrun_equals_single_process(small_digits, tmp_path):
-    from ssl_vil.evaluation.knn_cli import main
+    from ssl_vil.eval.knn import main
 
     torch.set_num_threads(1)
     folder, shards = small_digits
@@ -141,7 +141,7 @@ def test_imagefolder_equals_shards_and_torchrun_equals_single_process(small_digi
 
 @pytest.mark.slow
 def test_run_dir_and_its_export_give_the_same_numbers(digits_shards, small_digits, tmp_path):
-    from ssl_vil.evaluation.knn_cli import main
+    from ssl_vil.eval.knn import main
 
     torch.set_num_threads(1)
     run = tmp_path / "run"
@@ -173,7 +173,7 @@ def test_unreadable_val_record_is_skipped_and_reported(small_digits, tmp_path):
     import shutil
     import tarfile
 
-    from ssl_vil.evaluation.knn_cli import main
+    from ssl_vil.eval.knn import main
 
     torch.set_num_threads(1)
     _, shards = small_digits

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ssl_vil.evaluation import linear
+from ssl_vil.eval import linear_probe as linear
 
 
 def _synthetic_bank(seed: int, n: int, num_classes: int = 6, blocks: int = 4, cls_dim: int = 8, avg_dim: int = 4):

@@ -7,11 +7,11 @@ import json
 import torch
 from test_eval_knn_cli import export_random_vil, small_digits  # noqa: F401  (fixture)
 
-from ssl_vil.evaluation import linear
+from ssl_vil.eval import linear_probe as linear
 
 
 def test_linear_cli_grid_and_selections(small_digits, tmp_path):  # noqa: F811
-    from ssl_vil.evaluation.linear_cli import main
+    from ssl_vil.eval.linear import main
 
     torch.set_num_threads(1)
     folder, _ = small_digits

@@ -9,7 +9,7 @@ the whole tree, and runs each node's own checks. A node subclasses :class:`Confi
 component is built directly in Python.
 
 Used by the pretraining run config (:mod:`ssl_vil.config.load`), the fine-tuning config
-(:mod:`ssl_vil.evaluation.finetune_config`) and the k-NN / linear evaluation CLIs (their ``--flag value`` arguments,
+(:mod:`ssl_vil.eval.finetune_config`) and the k-NN / linear evaluation CLIs (their ``--flag value`` arguments,
 parsed by argparse, are the keys: ``--train-data X`` is ``train_data``; see :func:`from_flags`).
 """
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from ssl_vil.config import RunConfig
-from ssl_vil.evaluation import features as feats
-from ssl_vil.evaluation.inputs import eval_transform, open_eval_source
-from ssl_vil.evaluation.knn import knn_classify
+from ssl_vil.eval import features as feats
+from ssl_vil.eval.inputs import eval_transform, open_eval_source
+from ssl_vil.eval.knn_search import knn_classify
 from ssl_vil.infra.dist import DistInfo
 from ssl_vil.infra.timing import is_due
 

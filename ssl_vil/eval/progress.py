@@ -8,7 +8,7 @@ import time
 
 from ssl_vil.infra.timing import format_duration
 
-logger = logging.getLogger("ssl_vil.evaluation")
+logger = logging.getLogger("ssl_vil.eval")
 
 
 class Progress:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ssl_vil.evaluation.finetune_config import load_finetune_config
-from ssl_vil.evaluation.finetune_loop import run_finetune
+from ssl_vil.eval.finetune_config import load_finetune_config
+from ssl_vil.eval.finetune_loop import run_finetune
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,16 +22,16 @@ import torch
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.evaluation import features as feats
-from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
-from ssl_vil.evaluation.knn import BACKENDS, knn_classify
-from ssl_vil.evaluation.progress import Progress
-from ssl_vil.evaluation.reporting import setup_logging
-from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.eval import features as feats
+from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
+from ssl_vil.eval.knn_search import BACKENDS, knn_classify
+from ssl_vil.eval.progress import Progress
+from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
 from ssl_vil.infra.files import write_json_atomic
 
-logger = logging.getLogger("ssl_vil.evaluation")
+logger = logging.getLogger("ssl_vil.eval")
 
 RESULTS_FILE = "results_knn.json"
 

@@ -21,7 +21,7 @@ from torchvision.datasets import ImageFolder
 
 from ssl_vil.data.cursor import EpochCursor, ResumableStream
 from ssl_vil.data.seeding import make_generator, stable_seed
-from ssl_vil.evaluation.inputs import is_image_folder
+from ssl_vil.eval.inputs import is_image_folder
 
 IMAGEFOLDER_CURSOR_FORMAT = "ssl_vil.evaluation.imagefolder_cursor/1"
 

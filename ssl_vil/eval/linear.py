@@ -1,4 +1,4 @@
-"""Linear-probe grid evaluation (DINOv2 protocol, see :mod:`ssl_vil.evaluation.linear`); behind ``eval/linear.py``.
+"""Linear-probe grid evaluation (DINOv2 protocol, see :mod:`ssl_vil.eval.linear_probe`); behind ``eval/linear.py``.
 
     python eval/linear.py --weights RUN --train-data D --val-data D [--train-epochs 10] [--batch-size 128]
         [--lrs ...] [--block-counts 1 4] [--heldout-fraction 0.1] [--precompute-features] [--output-dir OUT]
@@ -28,18 +28,18 @@ from torchvision import transforms
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.evaluation import features as feats
-from ssl_vil.evaluation import linear
-from ssl_vil.evaluation.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
-from ssl_vil.evaluation.progress import Progress
-from ssl_vil.evaluation.reporting import setup_logging
-from ssl_vil.evaluation.train_inputs import open_train_stream
-from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.eval import features as feats
+from ssl_vil.eval import linear_probe as linear
+from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
+from ssl_vil.eval.progress import Progress
+from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.eval.train_inputs import open_train_stream
+from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
 from ssl_vil.infra.files import write_json_atomic
 from ssl_vil.infra.precision import autocast
 
-logger = logging.getLogger("ssl_vil.evaluation")
+logger = logging.getLogger("ssl_vil.eval")
 
 RESULTS_FILE = "results_linear.json"
 

@@ -26,11 +26,11 @@ import torch
 from torch import nn
 
 from ssl_vil.data.seeding import stable_seed
-from ssl_vil.evaluation.finetune_config import FinetuneConfig
+from ssl_vil.eval.finetune_config import FinetuneConfig
 from ssl_vil.infra.dist import all_reduce_
 from ssl_vil.infra.precision import autocast
 
-logger = logging.getLogger("ssl_vil.evaluation")
+logger = logging.getLogger("ssl_vil.eval")
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)

@@ -1,5 +1,5 @@
 """The fine-tuning run: build everything from a :class:`FinetuneConfig`, resume if a checkpoint exists, train,
-evaluate, write ``OUT/results_finetune.json``. See :mod:`ssl_vil.evaluation.finetune` for the parts."""
+evaluate, write ``OUT/results_finetune.json``. See :mod:`ssl_vil.eval.finetune_setup` for the parts."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import torch
 from torch import nn
 
 from ssl_vil.checkpoint import CheckpointManager, config_hash
-from ssl_vil.evaluation import finetune as ft
-from ssl_vil.evaluation.finetune_config import FinetuneConfig
-from ssl_vil.evaluation.inputs import default_split, eval_transform, open_eval_source
-from ssl_vil.evaluation.reporting import setup_logging
-from ssl_vil.evaluation.train_inputs import open_train_stream, source_classes
-from ssl_vil.evaluation.weights_id import weights_sha256
+from ssl_vil.eval import finetune_setup as ft
+from ssl_vil.eval.finetune_config import FinetuneConfig
+from ssl_vil.eval.inputs import default_split, eval_transform, open_eval_source
+from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.eval.train_inputs import open_train_stream, source_classes
+from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo, all_reduce_, barrier, process_group
 from ssl_vil.infra.files import JsonlLog, write_json_atomic
 from ssl_vil.infra.precision import autocast
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
 
-logger = logging.getLogger("ssl_vil.evaluation")
+logger = logging.getLogger("ssl_vil.eval")
 
 
 def _train_transform(cfg: FinetuneConfig, img_size: int, mean: list[float], std: list[float]) -> Any:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens
-from ssl_vil.evaluation.progress import Progress
+from ssl_vil.eval.progress import Progress
 from ssl_vil.infra.dist import all_gather_object, is_distributed
 from ssl_vil.infra.precision import autocast
 
