@@ -3,8 +3,9 @@
 Slurm sends ``--signal`` (SIGUSR2 by default with submitit) and SIGTERM to the job's processes, not necessarily
 to all ranks at the same moment. Saving inside the handler is the failure mode of Lightning #21406: the handler
 interrupts arbitrary code (a collective, a half-written file) on one rank only. Here the handler only stores the
-signal number; the trainer calls :meth:`PreemptionFlag.should_stop` once per step boundary, which MAX-all-reduces
-the flag, so every rank sees True at the same step, saves that same step, and exits with
+signal number; the trainer's step guard (``ssl_vil.train.step_guard``) carries :meth:`PreemptionFlag.is_set_locally`
+in its one per-step all-reduce (standalone users call :meth:`PreemptionFlag.should_stop`, which MAX-all-reduces
+the flag), so every rank sees True at the same step, saves that same step, and exits with
 :data:`REQUEUE_EXIT_CODE`.
 
 While the flag is installed it replaces the handlers that were there before, including submitit's

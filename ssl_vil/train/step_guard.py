@@ -76,15 +76,18 @@ class StepGuard:
         data_errors = self.data_errors
         scalars = [*terms.values(), *diagnostics.values(), grad_norm]
         names = [*terms, GRAD_NORM_NAME]
+        # Packed on the step's device and moved once: one host sync per step, after the reduction.
+        device = grad_norm.device
         finite = torch.stack([torch.isfinite(t.detach()).all() for t in [*terms.values(), grad_norm]])
-        table = torch.zeros(self.world_size, len(names), dtype=torch.float64)
-        table[self.rank] = finite.to(torch.float64).cpu()
+        table = torch.zeros(self.world_size, len(names), dtype=torch.float64, device=device)
+        table[self.rank] = finite.to(torch.float64)
         counters = sorted(data_errors)
+        host = [float(budget_error is not None), float(self.preempt.is_set_locally())]
+        host += [float(data_errors[k]) for k in counters]
         packed = torch.cat([
-            torch.stack([s.detach().to(torch.float64).cpu().reshape(()) for s in scalars]),
+            torch.stack([s.detach().reshape(()) for s in scalars]).to(torch.float64),
             table.flatten(),
-            torch.tensor([budget_error is not None, self.preempt.is_set_locally()], dtype=torch.float64),
-            torch.tensor([float(data_errors[k]) for k in counters], dtype=torch.float64),
+            torch.tensor(host, dtype=torch.float64, device=device),
         ])
         packed = all_reduce_(packed.to(collective_device()), "sum").cpu()
 
