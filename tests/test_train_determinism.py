@@ -1,5 +1,12 @@
 """Seeded determinism on CPU: repeat runs are bitwise equal, and a checked-in golden loss file pins the numbers.
 
+Bitwise equality holds on one machine (repeat runs, any worker count). The golden file is compared with a
+tolerance because another CPU model may pick different kernels (vector width, reduction order): the first-step
+loss then moves in the 7th digit (ATEN_CPU_CAPABILITY=default, i.e. no AVX kernels, moves every step by at most
+6e-7 relative). Step 1 depends only on the init and the data, so a tight bound there catches
+any change of the forward numerics; later steps allow rounding to grow through the updates, still far below what
+a changed hyper-parameter or loss term does (~1e-3 relative and more).
+
 Regenerate the golden file after an intended change of the numerics with ``make golden``
 (= ``python tests/test_train_determinism.py --write``).
 """
@@ -15,6 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_harness import logs, losses, run_training, tiny_overrides, write_shards  # noqa: E402
 
+FIRST_STEP_RTOL = 2e-6
+LATER_STEPS_RTOL = 5e-5
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_dinov2_20steps_losses.json"
 STEPS = 20
 
@@ -36,7 +45,13 @@ def test_repeat_runs_and_worker_counts_are_bitwise_equal_and_match_golden(tmp_pa
     assert a == b, "two runs with the same seed differ"
     assert a == c, "the loss curve depends on data.num_workers"
     golden = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
-    assert a == golden, "losses differ from tests/golden/ (run `make golden` if the change is intended)"
+    assert sorted(golden) == sorted(a)
+    off = {
+        step: (a[step], ref)
+        for step, ref in golden.items()
+        if abs(a[step] - ref) > (FIRST_STEP_RTOL if step == 1 else LATER_STEPS_RTOL) * abs(ref)
+    }
+    assert not off, f"losses differ from tests/golden/ beyond rounding (run `make golden` if intended): {off}"
 
 
 if __name__ == "__main__":  # explicit regeneration of the golden file
