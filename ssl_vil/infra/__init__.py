@@ -1,5 +1,6 @@
 """Infrastructure shared by training, evaluation, data and the launcher, one module per concept.
 
+- :mod:`ssl_vil.infra.after_import`: run a callback once a module's import completes (timm registration);
 - :mod:`ssl_vil.infra.dist`: process-group set-up and collectives (no-ops in a single process);
 - :mod:`ssl_vil.infra.files`: atomic / durable file writes and the append-only JSONL log;
 - :mod:`ssl_vil.infra.precision`: the autocast precision of a run on a device;
