@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `cluster` and the project
 import submitit  # noqa: E402
 from submitit.core.utils import FailedJobError, UncompletedJobError  # noqa: E402
 
-from cluster.job import ENTRIES, ENTRY_TRAIN, EVENTS_FILENAME, EntryJob  # noqa: E402
+from cluster.job import ENTRIES, ENTRY_MODULES, ENTRY_TRAIN, EVENTS_FILENAME, EntryJob  # noqa: E402
 from cluster.resources import (  # noqa: E402
     DEFAULT_MAX_NUM_TIMEOUT,
     DEFAULT_SIGNAL_DELAY_S,
@@ -136,6 +136,39 @@ def _load_train_config(args: argparse.Namespace, overrides: list[str], world_siz
     return cfg
 
 
+def check_eval_args(entry: str, argv: list[str]) -> None:
+    """Validate an eval entry's arguments here, as the job would, plus what only matters in a batch job: the
+    inputs must exist (on the shared filesystem the nodes see) and ``--output-dir`` must be given, or the job's
+    results would exist only in a log."""
+    import importlib
+
+    from ssl_vil.config import ConfigError
+
+    module = importlib.import_module(ENTRY_MODULES[entry])
+    try:
+        if entry == "finetune":
+            ns = module.build_parser().parse_args(argv)
+            weights = [f"model.weights={ns.weights}"] if ns.weights else []
+            cfg = module.load_finetune_config(ns.config, list(ns.overrides) + weights)
+            inputs = {"--weights": cfg.model.weights, "data.train": cfg.data.train,
+                      "data.val": cfg.data.val}
+            output_dir = ns.output_dir
+        else:
+            cfg = module.parse_config(argv)
+            inputs = {"--weights": cfg.weights, "--train-data": cfg.train_data, "--val-data": cfg.val_data}
+            output_dir = cfg.output_dir
+    except SystemExit:  # argparse has printed the usage and the offending option
+        raise LaunchError(f"arguments after `--` for --entry {entry} are invalid (see above)") from None
+    except ConfigError as exc:
+        raise LaunchError(f"--entry {entry}: {exc}") from None
+    if not output_dir:
+        raise LaunchError(f"--entry {entry}: pass --output-dir after `--` (the job writes its results there)")
+    for option, value in inputs.items():
+        if value and "://" not in str(value) and not any(c in str(value) for c in "*?[{") \
+                and not Path(value).exists():
+            raise LaunchError(f"--entry {entry}: {option} {value}: no such file or directory")
+
+
 @contextmanager
 def submission_environment() -> Iterator[None]:
     """Environment for sbatch: without the SLURM_* / MASTER_* / RANK variables of an allocation we may be running
@@ -207,6 +240,7 @@ def prepare(argv: list[str]) -> LaunchPlan:
     else:
         if args.config:
             raise LaunchError("--config: only for --entry train; pass eval arguments after `--`")
+        check_eval_args(args.entry, list(args.overrides) + entry_tail)
         use_gpus = not args.cpu
         cpus = threads = args.cpus_per_task
     res = _resources(args, use_gpus=use_gpus, cpus_per_task=cpus, omp_threads=threads)
@@ -260,9 +294,38 @@ def main(argv: list[str] | None = None) -> int:
         except (FailedJobError, UncompletedJobError) as exc:
             print(f"job {job.job_id} failed:\n{exc}", file=sys.stderr)
             return 1
-        for r in results:
-            print(json.dumps(r, default=str))
+        finally:
+            _remove_template_folder(plan)
+        print(job_summary(plan, str(job.job_id), results))
     return 0
+
+
+def _remove_template_folder(plan: LaunchPlan) -> None:
+    """The local executor's controller creates its folder template literally (``RUN/local/%j``) beside the real
+    per-job folder; it holds nothing, so it goes once the job has ended (left alone if anything is in it)."""
+    if plan.args.local:
+        try:
+            (jobs_root(plan.run_dir, local=True) / "%j").rmdir()
+        except OSError:
+            pass
+
+
+def job_summary(plan: LaunchPlan, job_id: str, results: list[dict[str, Any]]) -> str:
+    """What a finished job did, for people: one line per task, where the results were written, what to run next.
+    The task results themselves go to ``RUN/<slurm|local>/results-<job id>.json``."""
+    from ssl_vil.infra.files import write_json_atomic
+
+    path = jobs_root(plan.run_dir, local=plan.args.local) / f"results-{job_id}.json"
+    write_json_atomic(path, results)
+    tasks = ", ".join(f"rank {r['rank']} exit {r['exit_code']}" for r in sorted(results, key=lambda r: r["rank"]))
+    requeues = max((r.get("requeues", 0) for r in results), default=0)
+    lines = [f"job {job_id} finished: {plan.args.entry}, {tasks}; requeued {requeues} time(s)",
+             f"  task results: {path}"]
+    if plan.args.entry == ENTRY_TRAIN:
+        lines += [f"  run dir:      {plan.run_dir}",
+                  f"  next:         python -m ssl_vil.report {plan.run_dir}",
+                  f"                python -m ssl_vil.eval.knn --weights {plan.run_dir} --train-data TRAIN --val-data VAL"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

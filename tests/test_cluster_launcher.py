@@ -416,3 +416,34 @@ def test_other_ranks_follow_rank0_decision(tmp_path: Path, cluster: str, touched
         with pytest.raises(SystemExit) as exc:
             job._follow_rank0(env, submitted, before, result, None)
         assert exc.value.code == expected
+
+
+def test_eval_entries_are_validated_before_queueing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A mistake in an eval job's own arguments fails here, not hours later in the queue."""
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"not checked here")
+    data = tmp_path / "data"
+    data.mkdir()
+    out = str(tmp_path / "knn_out")
+    good = ["--weights", str(weights), "--train-data", str(data), "--val-data", str(data), "--output-dir", out]
+    cases = [
+        (["--", *good[:1], str(tmp_path / "missing.safetensors"), *good[2:]],
+         f"--entry knn: --weights {tmp_path / 'missing.safetensors'}: no such file or directory"),
+        (["--", *good[:-2]], "--entry knn: pass --output-dir after `--`"),
+        (["--", *good[:2], "--train-data", str(tmp_path / "nodata"), *good[4:]],
+         f"--entry knn: --train-data {tmp_path / 'nodata'}: no such file or directory"),
+        (["--", *good, "--k", "0"], "expected neighbour counts >= 1"),
+        (["--", *good, "--bogus"], "arguments after `--` for --entry knn are invalid"),
+    ]
+    for tail, message in cases:
+        with patch.object(submit_cli, "submit", side_effect=AssertionError("must not submit")):
+            rc = submit_cli.main(["--entry", "knn", "--output-dir", str(tmp_path / "job"), "--cpu", *tail])
+        err = capsys.readouterr().err
+        assert rc == submit_cli.EXIT_USAGE and message in err and "Traceback" not in err, (tail, err)
+    ft = ["--entry", "finetune", "--output-dir", str(tmp_path / "job"), "--cpu", "--", "--config",
+          str(DEMO_RECIPE.parent / "finetune_digits.yaml"), "--output-dir", out, "--weights", str(tmp_path / "nope")]
+    with patch.object(submit_cli, "submit", side_effect=AssertionError("must not submit")):
+        assert submit_cli.main(ft) == submit_cli.EXIT_USAGE
+    assert f"--entry finetune: --weights {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
+    plan = submit_cli.prepare(["--entry", "knn", "--output-dir", str(tmp_path / "job"), "--cpu", "--", *good])
+    assert plan.entry_args == good and not (tmp_path / "job").exists()

@@ -42,7 +42,11 @@ def test_local_executor_run_requeues_after_a_signal(tmp_path: Path, monkeypatch:
         "logging.tensorboard=false", "checkpoint.every_steps=1000"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert "Traceback" not in out and not any(line.startswith("{") for line in out.splitlines()), out
+    job_line = next(line for line in out.splitlines() if line.startswith("job ") and " finished: " in line)
+    job_id = job_line.split()[1]
+    assert job_line == f"job {job_id} finished: train, rank 0 exit 0, rank 1 exit 0; requeued 1 time(s)"
+    results = json.loads((run_dir / "local" / f"results-{job_id}.json").read_text())
     assert sorted(r["rank"] for r in results) == [0, 1] and all(r["exit_code"] == 0 for r in results)
     assert all(r["requeues"] == 1 for r in results)
 
@@ -55,5 +59,6 @@ def test_local_executor_run_requeues_after_a_signal(tmp_path: Path, monkeypatch:
         ("start", None), ("checkpoint", 2), ("start", None), ("finished", None)]
     assert events[2]["step_at_start"] == 2 and events[2]["recorded_resume_step"] == 2
     assert (run_dir / "export" / "teacher_backbone.safetensors").is_file()
+    assert not (run_dir / "local" / "%j").exists(), "the executor's literal folder template was left behind"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
         "step_00000002", f"step_{TOTAL_STEPS:08d}"]
