@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import ssl_vil.backbones  # noqa: F401  (registers the timm models)
 from ssl_vil.backbones import VisionLSTM, WeightLoadError, load_backbone_weights
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "vil"
 V2 = "vil2_tiny64_bilateral_flatten"
 V1 = "vil1_tiny64_bilateral_avg"
 TINY = dict(img_size=32, patch_size=4, dim=64, depth=2)

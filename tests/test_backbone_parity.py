@@ -1,4 +1,4 @@
-"""Parity of our ViL implementation with the official-code fixtures (../shared/fixtures, spec section 10)."""
+"""Parity of our ViL implementation with the official-code fixtures (tests/fixtures/vil, spec section 10)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from ssl_vil.backbones import VisionLSTM, VisionLSTM2, mlstm_chunkwise, mlstm_parallel
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "vil"
 FIXTURE_NAMES = ("vil2_tiny64_bilateral_flatten", "vil2_tiny64_bilateral_avg", "vil1_tiny64_bilateral_avg")
 BACKENDS = ("parallel", "chunkwise")
 
