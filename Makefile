@@ -1,7 +1,12 @@
 # Two commands do all set-up on a fresh machine with Python 3.11:
 #   make demo   create .venv, install, pretrain on the embedded digits set, print k-NN results
 #   make test   create .venv, install, run the whole test suite
-PYTHON ?= python3.11
+# Any Python >= 3.11 (pyproject's requires-python): the first of these found, unless PYTHON=/path/to/python is given.
+PYTHON ?= $(shell for p in python3.11 python3.12 python3.13 python3; do command -v $$p >/dev/null 2>&1 && \
+	$$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && { echo $$p; break; }; done)
+# Extra wheel index for torch/torchvision, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu on a machine
+# without a GPU (CPU wheels, ~200 MB instead of ~6 GB of CUDA wheels).
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,10 +16,10 @@ STAMP := $(VENV)/.installed
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=/path/to/python3.11"; exit 1; }
+	@test -n "$(PYTHON)" || { echo "no python >= 3.11 found on PATH; run: make PYTHON=/path/to/python3.11 ..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,faiss-cpu]'
+	$(PY) -m pip install --quiet -e '.[dev,faiss-cpu]' $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	touch $(STAMP)
 
 demo: $(STAMP)
