@@ -2,13 +2,13 @@
 
 digits -> WebDataset shards -> DINO pretraining of a tiny ViL2 (recipes/demo_digits.yaml) -> export -> k-NN of
 the pretrained teacher backbone and of the same architecture at random init -> both kNN@20 numbers + plots.
+The baseline is the public ``python eval/knn.py --weights random:RUN --init-seed 0 ...`` (printed at the end).
 Re-running resumes or reuses what is already there.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,27 +29,24 @@ def _make_shards(out: Path) -> tuple[Path, Path]:
     return train, val
 
 
-def _random_init_export(run_dir: Path, out: Path, seed: int) -> Path:
-    """The pretrained run's architecture at random init, saved like an export (the k-NN baseline)."""
-    from safetensors.torch import save_file
-
-    from ssl_vil.export import EXPORT_INFO, EXPORT_WEIGHTS, build_backbone
-
-    info = json.loads((run_dir / "export" / EXPORT_INFO).read_text())
-    torch.manual_seed(seed)
-    model = build_backbone(info)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / EXPORT_WEIGHTS))
-    (out / EXPORT_INFO).write_text(json.dumps(info | {"step": 0}, indent=2))
-    return out / EXPORT_WEIGHTS
+def knn_args(weights: str, train: Path, val: Path, out: Path, *extra: str) -> list[str]:
+    """``eval/knn.py`` arguments of the demo's k-NN (k = 10, 20 on the digits shards)."""
+    return ["--weights", weights, "--train-data", str(train), "--val-data", str(val), "--k", "10", "20",
+            "--num-workers", "0", "--output-dir", str(out), *extra]
 
 
-def _knn20(weights: Path, train: Path, val: Path, out: Path) -> float:
+def knn20(weights: str, train: Path, val: Path, out: Path, *extra: str) -> float:
+    """kNN@20 top-1 (%) of ``weights`` (anything ``eval/knn.py --weights`` takes)."""
     from ssl_vil.eval.knn import main as knn
 
-    res = knn(["--weights", str(weights), "--train-data", str(train), "--val-data", str(val), "--k", "10", "20",
-               "--num-workers", "0", "--output-dir", str(out)])
+    res = knn(knn_args(weights, train, val, out, *extra))
     return next(r["top1"] for r in res["results"] if r["k"] == 20)
+
+
+def random_init_knn20(arch: Path, train: Path, val: Path, out: Path, seed: int = 0) -> float:
+    """The baseline: kNN@20 of ``arch``'s backbone (a run dir or recipe) at random init, through the public
+    ``eval/knn.py --weights random:ARCH --init-seed SEED``."""
+    return knn20(f"random:{arch}", train, val, out, "--init-seed", str(seed))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretraining stopped with exit code {code}; see {run_dir}", file=sys.stderr)
         return code
     t_train = time.perf_counter() - t0
-    pretrained = _knn20(run_dir / "export" / "teacher_backbone.safetensors", train_shards, val_shards, out / "knn_pretrained")
-    random_init = _knn20(_random_init_export(run_dir, out / "random_init", seed=0), train_shards, val_shards,
-                         out / "knn_random_init")
+    pretrained = knn20(str(run_dir / "export" / "teacher_backbone.safetensors"), train_shards, val_shards,
+                       out / "knn_pretrained")
+    random_init = random_init_knn20(run_dir, train_shards, val_shards, out / "knn_random_init", seed=0)
     report([str(run_dir)])
     print()
     print(f"digits val kNN@20 top-1: pretrained teacher {pretrained:.1f} %  |  random init {random_init:.1f} %"
           f"   (target >= 95 %; pretraining + shards {t_train / 60:.1f} min, total {(time.perf_counter() - t0) / 60:.1f} min)")
     print(f"run dir: {run_dir}  (plots in {run_dir / 'plots'}, metrics in {run_dir / 'metrics.jsonl'})")
+    baseline = knn_args(f"random:{run_dir}", train_shards, val_shards, out / "knn_random_init", "--init-seed", "0")
+    print("random-init baseline: python eval/knn.py " + " ".join(baseline))
     return 0
 
 

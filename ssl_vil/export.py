@@ -1,11 +1,13 @@
 """Export a pretrained teacher backbone, and load any kind of backbone weights for evaluation.
 
 ``python -m ssl_vil.export RUN [--step N]`` writes ``RUN/export/teacher_backbone.safetensors`` and
-``RUN/export/model.json`` (timm model name + constructor kwargs + the data normalisation used in pretraining).
-After ``import ssl_vil`` the file loads with::
+``RUN/export/model.json``. The safetensors header describes the backbone (timm architecture, constructor kwargs,
+input size, mean / std, crop_pct, interpolation; see :func:`ssl_vil.backbones.weights.export_metadata`) and
+model.json repeats it, so after ``import ssl_vil`` the file alone gives the model and its data config::
 
-    timm.create_model(info["model"], pretrained=True, num_classes=0,
-                      pretrained_cfg_overlay=dict(file="RUN/export/teacher_backbone.safetensors"), **info["kwargs"])
+    model = timm.create_model("vil2_small_patch16_224", pretrained=True,
+                              pretrained_cfg_overlay=dict(file="RUN/export/teacher_backbone.safetensors"))
+    data_cfg = timm.data.resolve_model_data_config(model)  # the run's input size, mean, std
 """
 
 from __future__ import annotations
@@ -39,10 +41,31 @@ def backbone_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return kw
 
 
+def architecture_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """:func:`backbone_kwargs` with ``dim`` and ``depth`` always stated (the registered model's when the
+    config leaves them null), so the backbone can be rebuilt from them alone."""
+    import timm
+
+    import ssl_vil  # noqa: F401  (registers the ViL models)
+
+    kw = backbone_kwargs(cfg)
+    if "dim" not in kw or "depth" not in kw:
+        with torch.device("meta"):
+            net = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, **kw)
+        kw.setdefault("dim", int(net.dim))
+        kw.setdefault("depth", int(net.depth))
+    return kw
+
+
 def model_info(cfg: RunConfig) -> dict[str, Any]:
+    """model.json: the backbone's architecture and data config (``model`` / ``kwargs`` / ``img_size`` are the
+    names earlier readers use for ``architecture`` / ``model_kwargs`` / ``input_size[-1]``)."""
     a = cfg.data.augment
-    return {"model": cfg.model.name, "kwargs": backbone_kwargs(cfg), "img_size": a.global_size,
-            "mean": list(a.mean), "std": list(a.std), "pooling": cfg.objective.pooling}
+    kwargs = architecture_kwargs(cfg)
+    return {"architecture": cfg.model.name, "model_kwargs": kwargs, "input_size": [3, a.global_size, a.global_size],
+            "mean": list(a.mean), "std": list(a.std), "crop_pct": cfg.knn_monitor.crop_pct,
+            "interpolation": "bicubic", "pooling": cfg.objective.pooling,
+            "model": cfg.model.name, "kwargs": kwargs, "img_size": a.global_size}
 
 
 def teacher_backbone_state(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,20 +101,45 @@ def _find_step_dir(run_dir: Path, step: int | None) -> Path:
     return p
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes the metadata map in a per-process
+    hash order, and one checkpoint must always export to the same bytes (resume tests compare them)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header with spaces to an 8-byte boundary
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
 def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     """Write the teacher backbone of ``step`` (default: newest valid checkpoint) to ``RUN/export/``."""
     from safetensors.torch import save
+
+    from ssl_vil.backbones.weights import export_metadata
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", world_size=1)
     step_dir = _find_step_dir(run_dir, step)
     sd = teacher_backbone_state(_load_checkpoint_objective(step_dir))
     out = run_dir / "export"
-    data = save({k: v.contiguous() for k, v in sd.items()}, metadata={"source": str(step_dir.name)})
-    write_bytes_atomic(out / EXPORT_WEIGHTS, data)
     info = model_info(cfg) | {"step": int(step_dir.name.split("_")[-1])}
+    metadata = export_metadata(info["architecture"], info["model_kwargs"], input_size=tuple(info["input_size"]),
+                               mean=tuple(info["mean"]), std=tuple(info["std"]), crop_pct=info["crop_pct"],
+                               interpolation=info["interpolation"], source=step_dir.name,
+                               pooling=info["pooling"])
+    data = canonical_safetensors(save({k: v.contiguous() for k, v in sd.items()}, metadata=metadata))
+    write_bytes_atomic(out / EXPORT_WEIGHTS, data)
     write_json_atomic(out / EXPORT_INFO, info)
     return out / EXPORT_WEIGHTS
+
+
+def _info_from_metadata(described: dict[str, Any]) -> dict[str, Any]:
+    """model.json-style info from a self-describing file's header."""
+    kwargs = dict(described["model_kwargs"])
+    return {"architecture": described["architecture"], "model_kwargs": kwargs,
+            "input_size": list(described["input_size"]), "mean": list(described["mean"]),
+            "std": list(described["std"]), "crop_pct": described["crop_pct"],
+            "interpolation": described["interpolation"], "pooling": described.get("pooling", "bilateral_concat"),
+            "model": described["architecture"], "kwargs": kwargs, "img_size": int(described["input_size"][-1])}
 
 
 def build_backbone(info: dict[str, Any]) -> nn.Module:
@@ -108,11 +156,12 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
 
     * a run dir (newest valid checkpoint's teacher; architecture from ``config.yaml``),
     * a checkpoint step folder ``RUN/checkpoints/step_XXXXXXXX``,
-    * an exported ``.safetensors`` with ``model.json`` beside it,
+    * an exported ``.safetensors`` (it describes itself; older exports need ``model.json`` beside them),
     * any other weights file (official released ViL checkpoint, hub state dict, ...) with ``model`` naming the
       timm architecture and ``kwargs`` its overrides.
     """
     from ssl_vil.backbones import load_backbone_weights
+    from ssl_vil.backbones.weights import read_export_metadata
 
     path = Path(weights)
     if path.is_dir() and (path / "config.yaml").exists():
@@ -123,6 +172,10 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
     elif path.is_dir() and (path / "manifest.json").exists():
         cfg = load_config(_run_dir_of(path) / "config.yaml", world_size=1)
         info, sd = model_info(cfg), teacher_backbone_state(_load_checkpoint_objective(path))
+        info["source"] = str(path)
+    elif path.is_file() and model is None and (described := read_export_metadata(path)) is not None:
+        info = _info_from_metadata(described)
+        sd = None
         info["source"] = str(path)
     elif path.is_file() and (path.parent / EXPORT_INFO).exists() and model is None:
         info = json.loads((path.parent / EXPORT_INFO).read_text())

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ssl_vil.infra.timing import StepTimer, StepTiming, format_duration, is_due
 from ssl_vil.train.metrics_log import MetricsLogger, format_progress
+from trainer_harness import logs, records, run_training, tiny_overrides, write_shards
 
 
 def test_progress_line_format():
@@ -63,7 +68,7 @@ def log_steps(logger: MetricsLogger, steps, timer_offset: float = 0.0) -> None:
             step, samples_seen=32 * step, epoch=step // 10,
             losses={"loss": 10.0 - step, "dino": 8.0 - step, "ibot": 2.0, "koleo": -0.01 * step},
             diagnostics={"teacher_entropy_ratio": 0.5 + 0.01 * step},
-            schedules={"lr": 1e-3 * step, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.04},
+            schedules={"lr": 1e-3 * step, "weight_decay": 0.04, "ema_momentum": 0.996, "teacher_temp": 0.04},
             timing=timing, knn_top1=0.1 * step,
         )
         if step % 4 == 0:
@@ -86,7 +91,7 @@ def test_jsonl_records_tensorboard_and_progress(tmp_path, capsys):
     r7 = steps[6]
     assert r7["losses"] == {"loss": 3.0, "dino": 1.0, "ibot": 2.0, "koleo": -0.07}
     assert r7["diagnostics"] == {"teacher_entropy_ratio": pytest.approx(0.57)}
-    assert (r7["samples_seen"], r7["epoch"], r7["lr"], r7["wd"], r7["momentum"], r7["teacher_temp"]) == \
+    assert (r7["samples_seen"], r7["epoch"], r7["lr"], r7["weight_decay"], r7["ema_momentum"], r7["teacher_temp"]) == \
         (224, 0, pytest.approx(7e-3), 0.04, 0.996, 0.04)
     assert r7["img_per_s"] == pytest.approx(80.0) and r7["data_wait_fraction"] == pytest.approx(0.25)
     assert r7["step_time_s"] == pytest.approx(0.4) and r7["knn_top1"] == pytest.approx(0.7)
@@ -105,6 +110,58 @@ def test_jsonl_records_tensorboard_and_progress(tmp_path, capsys):
     dino = acc.Scalars("loss/dino")
     assert [(e.step, e.value) for e in dino] == [(s, 8.0 - s) for s in range(1, 11)]
     assert {"diag/teacher_entropy_ratio", "schedule/lr", "perf/img_per_s", "knn_top1"} <= set(acc.Tags()["scalars"])
+
+
+def tb_scalars(run_dir: Path, prefix: str) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]
+            if tag.startswith(prefix)}
+
+
+def test_knn_event_accuracies_go_to_tensorboard(tmp_path):
+    with MetricsLogger(tmp_path, rank=0, log_every_steps=5, total_steps=20) as logger:
+        log_steps(logger, range(1, 6))
+        logger.log_event("knn", step=5, knn_top1=61.25, knn_top1_k10=61.25, knn_top5_k10=90.5, knn_top1_k20=58.0,
+                         knn_top5_k20=92.75, knn_k=[10, 20], knn_temperature=0.07, knn_num_classes=10)
+        logger.log_event("data_errors", step=5, knn_top1=1.0)  # only k-NN events are curves
+        logger.log_event("knn", knn_top1=1.0)  # without a step there is no x position
+    assert tb_scalars(tmp_path, "knn/") == {
+        "knn/top1": [(5, 61.25)], "knn/top1_k10": [(5, 61.25)], "knn/top5_k10": [(5, 90.5)],
+        "knn/top1_k20": [(5, 58.0)], "knn/top5_k20": [(5, 92.75)],
+    }
+    knn_events = [r for r in read_lines(tmp_path / "metrics.jsonl") if r.get("event") == "knn"]
+    assert knn_events[0]["knn_k"] == [10, 20] and knn_events[0]["knn_num_classes"] == 10
+
+
+@pytest.mark.slow
+def test_knn_monitor_of_a_real_run_in_tensorboard_equals_metrics_jsonl(tmp_path):
+    from sklearn.datasets import load_digits
+
+    write_shards(tmp_path / "train", n_shards=2, per_shard=40)
+    digits = load_digits()
+    images = (digits.images / 16 * 255).round().astype(np.uint8)
+    for split, idx in (("train", range(200)), ("val", range(200, 260))):
+        for i in idx:
+            folder = tmp_path / "digits" / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i]).convert("RGB").resize((32, 32)).save(folder / f"{i:04d}.png")
+    run = tmp_path / "run"
+    overrides = tiny_overrides(tmp_path / "train", total_steps=10, workers=1, objective="dino") + [
+        "logging.tensorboard=true", "knn_monitor.every_steps=5", f"knn_monitor.train={tmp_path / 'digits/train'}",
+        f"knn_monitor.val={tmp_path / 'digits/val'}", "knn_monitor.k=[5,20]", "knn_monitor.batch_size=128"]
+    assert run_training(run, overrides) == [0], logs(run)
+
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for event in (r for r in records(run) if r.get("event") == "knn"):
+        for key, value in event.items():
+            if m := re.fullmatch(r"knn_(top[15](?:_k\d+)?)", key):
+                expected.setdefault(f"knn/{m.group(1)}", []).append((event["step"], float(np.float32(value))))
+    assert sorted(expected) == ["knn/top1", "knn/top1_k20", "knn/top1_k5", "knn/top5_k20", "knn/top5_k5"]
+    assert [s for s, _ in expected["knn/top1"]] == [5, 10]
+    assert tb_scalars(run, "knn/") == expected
+    # The step curves are there too, so the k-NN tags sit next to them in one run.
+    assert [s for s, _ in tb_scalars(run, "loss/dino")["loss/dino"]] == list(range(1, 11))
 
 
 def test_resume_truncates_later_steps_without_duplicates(tmp_path, capsys):

@@ -7,6 +7,14 @@ overridden through ``timm.create_model(name, **kwargs)``. Weights load through t
 our own formats); pass ``num_classes`` in the overlay equal to the file's head size to keep its classifier
 (timm drops the classifier when the model's and the cfg's class counts differ).
 
+A ``.safetensors`` written by ``python -m ssl_vil.export`` describes itself: given as
+``pretrained_cfg_overlay=dict(file=PATH)``, its architecture kwargs (dim, depth, patch size, input size, ...)
+build the model and its data config (input size, mean, std, crop_pct, interpolation) becomes the model's
+``pretrained_cfg``, so ``timm.data.resolve_model_data_config(model)`` gives the resolution and normalisation
+the backbone was trained with, and the model has no classifier unless ``num_classes`` is passed. Explicit
+kwargs that contradict the file (say ``dim``) raise ``WeightLoadError`` naming them; ``img_size``,
+``pooling`` and the mLSTM backend may differ (the position embedding is resized).
+
 The official release URLs (ml.jku.at) are registered as pretrained tags; they use the training-code key
 format, which ``checkpoint_filter_fn`` renames. The stride-8 long-sequence files are not tagged: load them
 with ``stride=8`` and ``pretrained_cfg_overlay=dict(file=...)``.
@@ -19,8 +27,9 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ssl_vil.backbones.embed import to_2tuple
 from ssl_vil.backbones.vision_lstm import VisionLSTM, VisionLSTM2
-from ssl_vil.backbones.weights import checkpoint_filter_fn
+from ssl_vil.backbones.weights import WeightLoadError, checkpoint_filter_fn, read_export_metadata
 
 _RELEASE_URL = "https://ml.jku.at/research/vision_lstm/download/"
 
@@ -60,7 +69,52 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# Constructor kwargs that change no tensor shape of the backbone: a self-describing file's value is a default.
+RUNTIME_KWARGS = ("img_size", "pooling", "mlstm_backend", "mlstm_chunk_size")
+
+
+def _family(name: str) -> type | None:
+    return VisionLSTM2 if name.startswith("vil2_") else VisionLSTM if name.startswith("vil_") else None
+
+
+def _normalised(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def apply_file_description(model_cls: type, variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` of a ``create_model`` call completed from the self-describing file in
+    ``pretrained_cfg_overlay["file"]`` (unchanged for any other file): the file's architecture kwargs under the
+    caller's, and its data config under the caller's overlay. Raises ``WeightLoadError`` when the file holds
+    another model family or the caller's kwargs contradict its shapes."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    path = overlay.get("file")
+    described = read_export_metadata(path) if path else None
+    if described is None:
+        return kwargs
+    arch = described["architecture"]
+    if _family(arch) is not model_cls:
+        raise WeightLoadError(f"{path}: holds a {arch} backbone; load it with timm.create_model({arch!r}, "
+                              f"pretrained=True, pretrained_cfg_overlay=dict(file=...)), not {variant!r}")
+    file_kwargs = dict(described["model_kwargs"])
+    conflicts = [f"{k}={kwargs[k]!r} (the file was trained with {k}={v!r})" for k, v in file_kwargs.items()
+                 if k in kwargs and k not in RUNTIME_KWARGS and _normalised(kwargs[k]) != _normalised(v)]
+    if conflicts:
+        raise WeightLoadError(f"{path}: the arguments {', '.join(conflicts)} contradict the exported {arch}; "
+                              "leave them out: the file supplies them")
+    merged = {**file_kwargs, **{k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"}}
+    height, width = to_2tuple(merged.get("img_size", described["input_size"][-2:]))
+    data_cfg = {"input_size": (int(described["input_size"][0]), int(height), int(width)),
+                "mean": tuple(described["mean"]), "std": tuple(described["std"]),
+                "crop_pct": float(described["crop_pct"]), "interpolation": described["interpolation"],
+                # An export is a backbone: no classifier unless the caller asks for num_classes.
+                "num_classes": 0}
+    merged["pretrained_cfg_overlay"] = {**data_cfg, **overlay}
+    return merged
+
+
 def _create(model_cls: type, variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs: Any):
+    if pretrained:
+        kwargs = apply_file_description(model_cls, variant, kwargs)
     args = {**model_args, **kwargs}
     model = build_model_with_cfg(
         model_cls,

@@ -14,10 +14,15 @@ Then: the position embedding is resized (bicubic) to the model's grid; a ``mask_
 dropped; classifier-side tensors (``head.*`` and the pre-head norm, which the training code stored as
 ``head.0``) that are absent or do not fit the model keep the model's own initialisation. Anything else
 that is missing, unexpected or of the wrong shape raises ``WeightLoadError`` listing every offending key.
+
+A ``.safetensors`` written by ``python -m ssl_vil.export`` describes itself in its header metadata
+(:func:`export_metadata`, read back by :func:`read_export_metadata`): the timm architecture, its constructor
+kwargs and the data config (input size, mean, std, crop_pct, interpolation) the backbone was trained for.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -42,6 +47,57 @@ MASK_TOKEN_KEY = "mask_token"
 
 class WeightLoadError(ValueError):
     """A checkpoint does not fit the model; the message lists the offending keys and shapes."""
+
+
+# ----------------------------------------------------------------------------------- self-describing exports
+EXPORT_FORMAT = "ssl_vil.backbone"
+# safetensors metadata is str -> str: these entries hold JSON, the others plain strings.
+_JSON_FIELDS = ("model_kwargs", "input_size", "mean", "std", "crop_pct")
+_TEXT_FIELDS = ("architecture", "interpolation")
+
+
+def export_metadata(architecture: str, model_kwargs: Mapping[str, Any], *, input_size: tuple[int, int, int],
+                    mean: tuple[float, ...], std: tuple[float, ...], crop_pct: float,
+                    interpolation: str = "bicubic", **extra: str) -> dict[str, str]:
+    """The safetensors header metadata of an exported backbone (``extra``: further plain-text entries)."""
+    described = {"model_kwargs": dict(model_kwargs), "input_size": list(input_size), "mean": list(mean),
+                 "std": list(std), "crop_pct": float(crop_pct)}
+    meta = {"format": EXPORT_FORMAT, "architecture": architecture, "interpolation": interpolation}
+    meta.update({k: json.dumps(v) for k, v in described.items()})
+    meta.update(extra)
+    return meta
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
+    """The self-description of an ``ssl_vil.export`` file (header only, no tensors read), or None for any
+    other file: ``{"architecture", "model_kwargs", "input_size", "mean", "std", "crop_pct", "interpolation"}``
+    plus the extra plain-text entries (``source``, ``pooling``)."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise WeightLoadError(f"{path}: not a readable safetensors file ({error})") from error
+    if meta.get("format") != EXPORT_FORMAT:
+        return None
+    missing = [k for k in (*_JSON_FIELDS, *_TEXT_FIELDS) if k not in meta]
+    if missing:
+        raise WeightLoadError(f"{path}: ssl_vil export metadata lacks {missing}; re-export it with "
+                              "python -m ssl_vil.export RUN")
+    out: dict[str, Any] = {k: meta[k] for k in _TEXT_FIELDS}
+    for key in _JSON_FIELDS:
+        try:
+            out[key] = json.loads(meta[key])
+        except json.JSONDecodeError:
+            raise WeightLoadError(f"{path}: metadata entry {key!r} is not JSON: {meta[key]!r}") from None
+    out["input_size"] = tuple(out["input_size"])
+    out["mean"], out["std"] = tuple(out["mean"]), tuple(out["std"])
+    out.update({k: v for k, v in meta.items() if k not in out and k != "format"})  # e.g. source, pooling
+    return out
 
 
 @dataclass
@@ -216,7 +272,8 @@ def convert_state_dict(
         elif key not in state_dict:  # present but mis-shaped keys are listed as mismatches
             missing.append(f"{key} {_shape(value)}")
     if unexpected or mismatched or missing:
-        lines = [f"checkpoint does not fit {type(model).__name__} (dim={model.dim}, depth={model.depth}):"]
+        lines = [f"checkpoint does not fit {type(model).__name__} (dim={model.dim}, depth={model.depth})"
+                 + _describe_source(state_dict) + ":"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if items:
                 more = " ..." if len(items) > 30 else ""
@@ -228,6 +285,18 @@ def convert_state_dict(
         _logger.info("dropped checkpoint keys: %s", ", ".join(report.dropped[:50]))
     # Same key order as the model's state_dict.
     return {key: out[key] for key in target}
+
+
+def _describe_source(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """``"; the checkpoint is dim=64, depth=2, patch_size=4"`` read off its tensor shapes ("" if unknown)."""
+    parts = []
+    proj = state_dict.get("patch_embed.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        parts += [f"dim={proj.shape[0]}", f"patch_size={proj.shape[-1]}"]
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"^blocks\.(\d+)\.", k))}
+    if blocks:
+        parts.insert(1, f"depth={max(blocks) + 1}")
+    return f"; the checkpoint is {', '.join(parts)}" if parts else ""
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:

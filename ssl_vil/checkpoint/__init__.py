@@ -15,13 +15,19 @@ On-disk layout of a run directory::
 A save writes into the ``.tmp-`` folder, fsyncs every file and the manifest, reads it back against the
 manifest, renames it to ``step_XXXXXXXX`` and fsyncs ``checkpoints/``, then replaces ``LATEST`` (temp file +
 ``os.replace`` + directory fsync), then applies retention (the ``keep_last`` newest valid folders plus every
-multiple of ``keep_every_steps``). Loading picks the newest step folder whose files match its manifest
-(``LATEST`` is a hint: a folder renamed into place just before a crash is complete and is used), and falls
-back to older ones otherwise. Files are read with ``torch.load(weights_only=True)``, so a payload holds only
-tensors and plain python values; RNG states go through :func:`capture_rng_state`.
+multiple of ``keep_every_steps``). Loading picks the newest step folder whose files match its manifest and
+unpickle (``LATEST`` is a hint: a folder renamed into place just before a crash is complete and is used), and
+falls back to older ones otherwise; an empty step folder is skipped with a warning (it cannot hold a save).
+Files are read with ``torch.load(weights_only=True)``, so a payload holds only tensors and plain python
+values; RNG states go through :func:`capture_rng_state`.
 """
 
-from ssl_vil.checkpoint.errors import CheckpointError, CheckpointVerificationError, CheckpointWriteError
+from ssl_vil.checkpoint.errors import (
+    CheckpointError,
+    CheckpointLoadError,
+    CheckpointVerificationError,
+    CheckpointWriteError,
+)
 from ssl_vil.checkpoint.fingerprint import config_hash
 from ssl_vil.checkpoint.manager import CheckpointManager, LoadedCheckpoint, latest_checkpoint
 from ssl_vil.checkpoint.manifest import FORMAT_VERSION, verify_step_dir
@@ -30,6 +36,7 @@ from ssl_vil.checkpoint.rng import capture_rng_state, restore_rng_state
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointLoadError",
     "CheckpointManager",
     "CheckpointVerificationError",
     "CheckpointWriteError",

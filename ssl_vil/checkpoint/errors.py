@@ -16,3 +16,7 @@ class CheckpointWriteError(CheckpointError):
 
 class CheckpointVerificationError(CheckpointError):
     """A step folder does not match its manifest (missing, truncated or altered file; bad manifest)."""
+
+
+class CheckpointLoadError(CheckpointError):
+    """A step folder matches its manifest but a file in it cannot be unpickled (``weights_only=True``)."""

@@ -3,8 +3,10 @@
 Resume rule: **the newest step folder that passes verification wins; ``LATEST`` is a hint.** A folder gets
 its final ``step_XXXXXXXX`` name only after every file and the manifest are fsynced, so a final-named folder
 is a finished save even when the process died between that rename and the rewrite of ``LATEST``. Hashes
-catch what the rename protocol cannot (bit rot, truncation, edits); a folder that fails is logged, counted
-in ``fallbacks`` and skipped for the next older one.
+catch what the rename protocol cannot (bit rot, truncation, edits); a folder that fails, or whose verified
+files still cannot be unpickled, is logged, counted in ``fallbacks`` and skipped for the next older one. An
+empty step folder (no manifest, no payload: never produced by a save) is skipped with a warning and removed
+by :meth:`CheckpointManager.remove_empty_step_dirs` once the run is known to start.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ssl_vil.checkpoint.errors import CheckpointError, CheckpointVerificationError, CheckpointWriteError
+from ssl_vil.checkpoint.errors import CheckpointLoadError, CheckpointVerificationError, CheckpointWriteError
 from ssl_vil.checkpoint.layout import (
     ENTRY_NAME_RE,
     LATEST_NAME,
@@ -42,7 +44,7 @@ from ssl_vil.checkpoint.manifest import (
     read_verified_file,
     verify_step_dir,
 )
-from ssl_vil.checkpoint.payload import check_weights_only_safe, deserialize, serialize
+from ssl_vil.checkpoint.payload import check_weights_only_safe, describe_load_failure, deserialize, serialize
 from ssl_vil.checkpoint.retention import plan_retention
 from ssl_vil.infra.files import fsync_dir, is_temp_name, write_file_durably, write_text_atomic
 
@@ -73,15 +75,47 @@ def _folder_signature(path: Path) -> tuple[tuple[str, int, int, int], ...]:
     return tuple(sorted(rows))
 
 
+def _is_empty_dir(path: Path) -> bool:
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False  # unreadable: let verification report it
+
+
+def empty_step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Final-named step folders holding nothing at all (no manifest, no payload), oldest first.
+
+    A save renames a complete folder into place, so an empty one was made by something else (an interrupted
+    copy, a manual ``mkdir``) and can never be a checkpoint.
+    """
+    return [path for _, path in sorted(list_step_dirs(ckpt_dir).items()) if _is_empty_dir(path)]
+
+
+def _latest_note(ckpt_dir: Path, pointer: str | None) -> str:
+    """What ``LATEST`` says, for the log line when it does not name the folder that was picked."""
+    if pointer is not None:
+        return f"{LATEST_NAME} names {pointer[:80]!r}"
+    if not (ckpt_dir / LATEST_NAME).exists():
+        return f"{ckpt_dir / LATEST_NAME} is missing"
+    return f"{ckpt_dir / LATEST_NAME} does not name a step folder (empty or not text)"
+
+
 def _newest_verified(
     ckpt_dir: Path, attempt: Callable[[Path], T], on_failure: Callable[[], None] | None = None
 ) -> tuple[Path, T] | None:
-    """Run ``attempt`` on step folders newest-first; return the first that raises no verification error.
+    """Run ``attempt`` on step folders newest-first; return the first that raises no verification or
+    load error.
 
-    None when there is no step folder at all; :class:`CheckpointVerificationError` listing every folder's
-    problem when folders exist but none verifies (silently restarting from scratch would be worse).
+    None when there is no non-empty step folder; :class:`CheckpointVerificationError` naming every folder's
+    problem, on one line, when folders exist but none is usable (silently restarting from scratch would be
+    worse).
     """
     dirs = list_step_dirs(ckpt_dir)
+    empty = {path for path in dirs.values() if _is_empty_dir(path)}
+    for path in sorted(empty):
+        logger.warning("checkpoint folder %s is empty (no manifest, no payload); skipping it", path)
+    dirs = {step: path for step, path in dirs.items() if path not in empty}
     if not dirs:
         return None
     pointer = read_latest_pointer(ckpt_dir)
@@ -90,30 +124,30 @@ def _newest_verified(
         path = dirs[step]
         try:
             value = attempt(path)
-        except CheckpointVerificationError as exc:
-            logger.error("checkpoint %s failed verification, trying the previous one: %s", path.name, exc)
-            failures.append(str(exc))
+        except (CheckpointVerificationError, CheckpointLoadError) as exc:
+            what = "cannot be loaded" if isinstance(exc, CheckpointLoadError) else "failed verification"
+            logger.error("checkpoint %s %s, trying the previous one: %s", path.name, what, exc)
+            failures.append(" ".join(str(exc).split()))
             if on_failure is not None:
                 on_failure()
             continue
         if pointer != path.name:
             # Expected after a kill between the step folder's rename and the LATEST update, or after
             # falling back from a corrupt LATEST target; worth a line in the log either way.
-            logger.warning("%s names %r; using %s, the newest verified step folder", LATEST_NAME, pointer, path.name)
+            logger.warning("%s; using %s, the newest verified step folder", _latest_note(ckpt_dir, pointer), path.name)
         return path, value
-    raise CheckpointVerificationError(
-        f"no checkpoint under {ckpt_dir} passes verification:\n  " + "\n  ".join(failures)
-    )
+    raise CheckpointVerificationError(f"no checkpoint under {ckpt_dir} passes verification: " + "; ".join(failures))
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     """The newest *verified* step folder of ``run_dir``, or None when the run has no checkpoint yet.
 
     The one place that decides where a run resumes: the trainer (via :meth:`CheckpointManager.load_latest`,
-    which applies the same rule) and the Slurm launcher both use it. Temp folders are ignored; a corrupt
-    newest folder is logged and skipped. Raises :class:`CheckpointVerificationError` if step folders exist
-    but none verifies. Cost: one sha256 read of the chosen folder (plus any newer corrupt ones), i.e.
-    about a second per GB from page cache; read-only, safe to call while nothing is writing.
+    which applies the same rule) and the Slurm launcher both use it. Temp folders and empty step folders are
+    ignored; a corrupt newest folder is logged and skipped. It checks hashes only: a folder whose verified
+    files cannot be unpickled is skipped by ``load_latest`` alone. Raises :class:`CheckpointVerificationError`
+    if step folders exist but none verifies. Cost: one sha256 read of the chosen folder (plus any newer corrupt
+    ones), i.e. about a second per GB from page cache; read-only, safe to call while nothing is writing.
     """
     found = _newest_verified(checkpoints_dir(Path(run_dir)), verify_step_dir)
     return None if found is None else found[0]
@@ -134,7 +168,8 @@ class CheckpointManager:
             write in progress; None for single-process runs.
 
     Only one process (rank 0 of one job) may write to a run directory at a time: a save removes every
-    ``.tmp-*`` entry it finds, taking them for leftovers of a crashed save.
+    ``.tmp-*`` entry it finds, taking them for leftovers of a crashed save. The trainer guarantees this with
+    the run dir's lock (``ssl_vil.train.run_dir.RunDirLock``).
     """
 
     def __init__(
@@ -356,10 +391,10 @@ class CheckpointManager:
         """Load the newest verified checkpoint (the folder :func:`latest_checkpoint` names), or None.
 
         Every file is read once: hashed, compared with the manifest, then ``torch.load``-ed from memory with
-        ``weights_only=True``. A folder that fails verification is logged with the file and the expected
-        and actual sha256, increments :attr:`fallbacks`, and the next older folder is tried. Raises
-        :class:`CheckpointVerificationError` when folders exist but none verifies, and
-        :class:`CheckpointError` when a verified file still cannot be unpickled.
+        ``weights_only=True``. A folder that fails verification (logged with the file and the expected and
+        actual sha256) or whose verified files cannot be unpickled increments :attr:`fallbacks`, and the next
+        older folder is tried. Raises :class:`CheckpointVerificationError` naming every folder's problem when
+        folders exist but none is usable.
         """
 
         def count_fallback() -> None:
@@ -372,18 +407,40 @@ class CheckpointManager:
             return None
         loaded = found[1]
         if loaded.manifest["config_hash"] != self.config_hash:
-            logger.warning(
+            # Informational only: keys that may change on resume (workers, paths, cadence) change the hash
+            # too; whether the config is compatible is the caller's decision (the trainer compares keys).
+            logger.info(
                 "checkpoint %s was written with config_hash %s, this run has %s",
                 loaded.path.name, loaded.manifest["config_hash"], self.config_hash,
             )  # fmt: skip
         return loaded
+
+    def remove_empty_step_dirs(self) -> list[Path]:
+        """Remove empty step folders (see :func:`empty_step_dirs`) on rank 0; returns what was removed.
+
+        ``os.rmdir`` refuses a folder that is not empty, so a file that appears meanwhile is never deleted.
+        """
+        removed: list[Path] = []
+        if self.rank != 0:
+            return removed
+        for path in empty_step_dirs(self.checkpoint_dir):
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                logger.warning("could not remove the empty checkpoint folder %s (%s)", path, exc)
+                continue
+            logger.warning("removed the empty checkpoint folder %s (no manifest, no payload)", path)
+            removed.append(path)
+        if removed:
+            fsync_dir(self.checkpoint_dir)
+        return removed
 
     @staticmethod
     def load_folder(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
         """Verify and load one given step folder (export of a chosen step, inspection); no fallback.
 
         Raises :class:`CheckpointVerificationError` naming the file and both sha256 when it does not
-        match its manifest, :class:`CheckpointError` when a verified file cannot be unpickled.
+        match its manifest, :class:`CheckpointLoadError` when a verified file cannot be unpickled.
         """
         path = Path(path)
         manifest = read_manifest(path)
@@ -393,7 +450,8 @@ class CheckpointManager:
             try:
                 payload[file_name[: -len(PAYLOAD_SUFFIX)]] = deserialize(data, map_location)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the file named
-                raise CheckpointError(
-                    f"{path / file_name} matches its manifest but torch.load(weights_only=True) fails: {exc}"
+                raise CheckpointLoadError(
+                    f"{path / file_name} matches its manifest but torch.load(weights_only=True) fails: "
+                    f"{describe_load_failure(exc)}"
                 ) from exc
         return LoadedCheckpoint(step=manifest["step"], path=path, payload=payload, manifest=manifest)

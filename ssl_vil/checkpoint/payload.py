@@ -13,6 +13,7 @@ unloadable checkpoint is reported at the first save, not at the resume weeks lat
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter, OrderedDict
 from typing import Any
 
@@ -84,3 +85,24 @@ def serialize(obj: Any) -> memoryview:
 def deserialize(data: bytes | memoryview, map_location: str | torch.device = "cpu") -> Any:
     """Inverse of :func:`serialize`; ``weights_only=True`` so a checkpoint cannot run code on load."""
     return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+
+
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+# torch's load errors wrap the actual refusal in advice; the advice to retry with weights_only=False would
+# let a checkpoint run arbitrary code, and the allow-listing hints are for code authors, not for resuming a run.
+_ADVICE_RE = re.compile(
+    r"weights_only`? (?:set to `?False|=\s*False)|weights_only=False|trusted source|trust the source|two options|"
+    r"add_safe_globals|safe_globals\(|Check the documentation|file an issue|recommended steps|In PyTorch 2\.6",
+    re.IGNORECASE,
+)
+_UNPICKLER_MARKER = "WeightsUnpickler error:"
+
+
+def describe_load_failure(exc: BaseException) -> str:
+    """One line saying why ``torch.load`` refused a file, without torch's advice (never "use weights_only=False")."""
+    text = " ".join(_ANSI_RE.sub("", str(exc)).split())
+    if _UNPICKLER_MARKER in text:
+        text = text.split(_UNPICKLER_MARKER, 1)[1]
+    sentences = re.split(r"(?<=[.:])\s+|\s+(?=Check the documentation|Please )", text)
+    kept = " ".join(s for s in sentences if s.strip() and not _ADVICE_RE.search(s)).strip()
+    return kept or type(exc).__name__

@@ -8,6 +8,7 @@ section once (world size, per-rank batch, peak lr, durations in steps); the trai
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +17,24 @@ from ssl_vil.config.errors import ConfigError, invalid
 from ssl_vil.config.schema import DerivedConfig, RunConfig
 from ssl_vil.schedules import scale_lr
 
-# Keys that may differ when an existing run dir is resumed: they change how, not what, is computed.
-RESUME_MUTABLE_PREFIXES = (
+# Keys that may differ when an existing run dir is resumed: where the data lives, how long the run is (to extend
+# it), cadence of logging / checkpoints / the k-NN monitor, and process settings. Everything else decides what is
+# computed (model shapes, objective, optimizer, data stream order) and must match the run's recorded config.
+RESUME_MUTABLE_KEYS = (
+    "data.train",
     "data.num_workers",
-    "dist.",
-    "logging.",
+    "schedule.total_steps",
+    "schedule.total_samples",
+    "schedule.total_epochs",
+    "checkpoint.every_steps",
     "checkpoint.keep_last",
     "checkpoint.keep_every_steps",
+    "logging.",
+    "knn_monitor.",
     "guards.watchdog_timeout_s",
+    "dist.",
     "train.compile",
     "train.device",
-    "knn_monitor.",
     "derived.",
 )
 
@@ -105,10 +113,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return resolve(cfg, world_size=world_size)
 
 
-def diff_configs(a: RunConfig, b: RunConfig, *, ignore_prefixes: tuple[str, ...] = RESUME_MUTABLE_PREFIXES
+def diff_configs(a: RunConfig, b: RunConfig, *, ignore_prefixes: tuple[str, ...] = RESUME_MUTABLE_KEYS
                  ) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ between two configs, skipping keys that may change on resume."""
     return engine.diff(a, b, ignore_prefixes=ignore_prefixes)
+
+
+def describe_resume_mutable_keys(keys: tuple[str, ...] = RESUME_MUTABLE_KEYS) -> str:
+    """The keys allowed to change on resume, grouped by section: ``data.{train,num_workers}, logging.*, ...``
+    (``derived.*`` is left out: it is never set by hand)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        section, _, rest = key.partition(".")
+        if section != "derived":
+            groups.setdefault(section, []).append(rest or "*")
+    parts = []
+    for section, names in groups.items():
+        inner = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+        parts.append(f"{section}.{inner}")
+    return ", ".join(parts)
+
+
+def config_from_record(record: Mapping[str, Any]) -> RunConfig:
+    """A run config rebuilt from the resolved dict a checkpoint recorded (``derived`` is dropped, not resolved).
+
+    Raises :class:`ConfigError` when the record does not fit this version of the schema.
+    """
+    data = {k: v for k, v in record.items() if k != "derived"}
+    return engine.build(RunConfig, data, moved=MOVED_KEYS, internal=("derived",))
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -198,6 +198,12 @@ class RunConfig(Config):
     def validate(self) -> None:
         """The checks that span sections (each section has checked its own fields)."""
         m, a, o = self.model, self.data.augment, self.objective
+        # Filled here, on the whole tree, not in AugmentConfig itself: the engine merges a section's default
+        # instance under the stated values, and a resolved default would pass for stated values.
+        try:
+            a.resolve_preset(patch_size=m.patch_size)
+        except ConfigError as err:
+            raise err.within("data.augment") from None
         sizes = [("data.augment.global_size", a.global_size)]
         if a.n_local > 0:
             sizes.append(("data.augment.local_size", a.local_size))

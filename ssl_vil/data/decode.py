@@ -20,6 +20,8 @@ from ssl_vil.data.errors import DataIssue
 from ssl_vil.data.tar_records import image_member
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+# Largest class index a ``.cls`` member may hold: int32, which every consumer (torch, faiss, numpy) indexes with.
+MAX_LABEL = 2**31 - 1
 
 
 class SampleIssue(Exception):
@@ -86,14 +88,22 @@ def decode_image(data: bytes, *, url: str, record: int, key: str, max_pixels: in
 
 
 def decode_label(members: dict[str, bytes], *, url: str, record: int, key: str) -> int:
-    """The integer in the ``.cls`` member, or -1 when the record has none."""
+    """The integer in the ``.cls`` member, or -1 when the record has none.
+
+    A label is a class index in ``[0, MAX_LABEL]``: -1 is reserved for "no label", and anything else negative or
+    beyond int32 would pass decoding and fail later (an int64 overflow in the collate, a negative index in k-NN).
+    """
     raw = members.get("cls")
     if raw is None:
         return -1
     try:
-        return int(raw.decode("ascii").strip())
+        label = int(raw.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError) as exc:
         raise SampleIssue(DataIssue("bad_label", url, record, key, f".cls is not an integer: {raw[:32]!r}")) from exc
+    if not 0 <= label <= MAX_LABEL:
+        raise SampleIssue(DataIssue("bad_label", url, record, key,
+                                    f".cls {raw[:32]!r} is outside the class-index range [0, {MAX_LABEL}]"))
+    return label
 
 
 def decode_record(

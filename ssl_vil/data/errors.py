@@ -17,7 +17,8 @@ ERROR_CATEGORIES: tuple[str, ...] = (
     "oversized_image",  # width * height above max_image_pixels (decompression-bomb guard)
     "missing_image",  # a record without an image member
     "duplicate_key",  # a record whose key already appeared earlier in the same shard
-    "bad_label",  # a .cls member that is not an integer
+    "bad_label",  # a .cls member that is not an integer in [0, MAX_LABEL]
+    "oversized_record",  # a record whose members declare more than max_record_bytes in total (not read)
     "truncated_shard",  # the tar ends early or mid-member; every planned record after that point is lost
     "empty_shard",  # a zero-byte shard file
     "unreadable_shard",  # the shard cannot be opened or is not a tar archive

@@ -4,10 +4,16 @@ Usage::
 
     python -m ssl_vil.data.make_shards SRC OUT_DIR [--split train|val] [--maxcount N] [--maxsize BYTES]
                                        [--workers N] [--name NAME] [--shuffle-seed S | --no-shuffle] [--verify]
+                                       [--classes-from PATH]
 
 ``SRC`` is an ImageFolder root (``SRC/<class>/<image>``), a text file of ``path[<TAB>label]`` lines, or
 ``builtin:digits`` (scikit-learn's 1797 digits as 32x32 RGB PNGs; ``--split`` picks the fixed train (1297) or
 val (500) part). Shards are ``OUT_DIR/<name>-<split>-000000.tar``...; several splits can share ``OUT_DIR``.
+
+Labels index the source's own class list unless ``--classes-from`` names another one (an ImageFolder root, a
+``manifest-<split>.json``, or a shard directory with one manifest): then they index that list, matched by name, so
+a val folder lacking a class gets the train split's numbers; a class missing from that list is refused.
+Evaluation matches classes by name either way.
 
 Reruns: on a complete split (its ``manifest-<split>.json`` matches the plan) nothing is done; after an
 interruption the missing shards are written (existing ones are complete: shards appear by atomic rename); an
@@ -22,15 +28,24 @@ import json
 import multiprocessing as mp
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ssl_vil.data.errors import DataConfigError
-from ssl_vil.data.manifest import Manifest, ShardInfo, manifest_path, read_manifest, write_manifest
+from ssl_vil.data.manifest import (
+    Manifest,
+    ShardInfo,
+    class_label_map,
+    list_splits,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from ssl_vil.data.shard_writer import PLAN_FORMAT, ShardPlan, ShardResult, file_sha256, plan_shards, write_shard
 from ssl_vil.data.shardlist import count_records
-from ssl_vil.data.sources import DIGITS_SPEC, Source, open_source
+from ssl_vil.data.sources import DIGITS_SPEC, Source, image_folder_classes, open_source
 from ssl_vil.infra.files import write_bytes_atomic
 
 
@@ -51,6 +66,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     order.add_argument("--shuffle-seed", type=int, default=0, help="seed of the record order (default 0)")
     order.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     parser.add_argument("--verify", action="store_true", help="fully decode every image (default: header only)")
+    parser.add_argument("--classes-from", default=None, metavar="PATH",
+                        help="index labels by this class list (ImageFolder root, manifest-<split>.json, or a shard "
+                             "dir with one manifest) instead of the source's own")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
@@ -115,6 +133,35 @@ def _check_previous(out: Path, split: str, plan: ShardPlan) -> bool:
     return False
 
 
+def reference_classes(path: str | os.PathLike[str]) -> list[str]:
+    """The class list named by ``--classes-from``: ImageFolder sub-directories, a manifest file's ``classes``, or
+    the ``classes`` of the one manifest in a shard directory."""
+    target = Path(path)
+    if target.is_file():
+        try:
+            classes = json.loads(target.read_text()).get("classes")
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DataConfigError(f"--classes-from {target}: not a shard manifest ({exc})") from exc
+    elif target.is_dir() and list_splits(target):
+        classes = read_manifest(target).classes
+    elif target.is_dir():
+        classes = image_folder_classes(target)
+    else:
+        raise DataConfigError(f"--classes-from {target}: no such file or directory")
+    if not classes:
+        raise DataConfigError(f"--classes-from {target}: names no classes")
+    return list(classes)
+
+
+def _reindex(source: Source, classes: list[str], origin: str) -> None:
+    """Relabel ``source`` in place so its labels index ``classes`` (by name)."""
+    mapping = class_label_map(classes, source.classes, reference_source=f"--classes-from {origin}",
+                              other_source=f"source {source.description}")
+    if mapping is not None:
+        source.items = [replace(item, label=mapping[item.label]) if item.label >= 0 else item for item in source.items]
+    source.classes = list(classes)
+
+
 def make_shards(
     src: str,
     out_dir: Path,
@@ -127,14 +174,18 @@ def make_shards(
     shuffle_seed: int | None = 0,
     verify: bool = False,
     progress: bool = True,
+    classes_from: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Write (or finish) the shards of ``split``; returns its manifest. See the module docstring."""
     source = open_source(src, split)
+    if classes_from is not None:
+        _reindex(source, reference_classes(classes_from), str(classes_from))
     if name is not None:
         source.name = name
     if "." in source.name or "/" in source.name:
         raise DataConfigError(f"dataset name {source.name!r} must not contain '.' or '/'")
-    plan = plan_shards(source, split, maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, verify=verify)
+    plan = plan_shards(source, split, maxcount=maxcount, maxsize=maxsize, shuffle_seed=shuffle_seed, verify=verify,
+                       classes_from=None if classes_from is None else str(classes_from))
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".{plan.prefix}-*.tmp-*"):
         stale.unlink(missing_ok=True)  # temporaries of a writer that died; never complete shards
@@ -194,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_shards(
             args.src, args.out_dir, split=args.split, maxcount=args.maxcount, maxsize=args.maxsize,
             workers=args.workers, name=args.name, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-            verify=args.verify,
+            verify=args.verify, classes_from=args.classes_from,
         )
     except DataConfigError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)

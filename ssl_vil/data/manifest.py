@@ -20,7 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,3 +195,51 @@ def sidecar_classes(directory: Path, files: set[str]) -> list[str]:
         if files & {s.file for s in manifest.shards}:
             return manifest.classes
     return []
+
+
+def _named_only(classes: Sequence[str], other: Sequence[str]) -> list[str]:
+    present = set(other)
+    return [c for c in classes if c not in present]
+
+
+def _short(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" (and {len(names) - limit} more)" if len(names) > limit else "")
+
+
+def class_label_map(
+    reference: Sequence[str], other: Sequence[str], *, reference_source: str, other_source: str
+) -> list[int] | None:
+    """How the labels of ``other`` become indices of ``reference``, matched by class name: ``new = map[old]``.
+
+    ``reference`` is the class list of the train / memory-bank data (the one index of the dataset) and ``other``
+    that of the val / query data. Returns None when the labels are already right: the same names in the same
+    order, or no names on either side (integer labels are then taken as they are). A val split that lacks some
+    train classes is remapped. Raises :class:`DataConfigError` naming both sources when ``other`` has a class
+    that ``reference`` lacks, when only one side names its classes, or when a list repeats a name.
+    """
+    reference, other = list(reference), list(other)
+    for names, source in ((reference, reference_source), (other, other_source)):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise DataConfigError(f"{source}: class names repeat ({_short(repeated)}); labels cannot be matched "
+                                  "by name")
+    if reference == other:
+        return None
+    if not reference or not other:
+        named, unnamed = (reference_source, other_source) if reference else (other_source, reference_source)
+        count = len(reference or other)
+        raise DataConfigError(
+            f"{named} names its {count} classes but {unnamed} names none, so labels cannot be matched by class "
+            f"name; give both the class list (ImageFolder sub-directories, or shards written by "
+            f"python -m ssl_vil.data.make_shards, whose manifest lists 'classes')"
+        )
+    extra = _named_only(other, reference)
+    if extra:
+        raise DataConfigError(
+            f"{other_source} has {len(extra)} class(es) that {reference_source} lacks: {_short(extra)}; "
+            f"k-NN / linear / fine-tune evaluation can only score classes the train data has "
+            f"(train classes: {_short(reference)})"
+        )
+    index = {name: i for i, name in enumerate(reference)}
+    return [index[name] for name in other]

@@ -17,7 +17,10 @@ _MASK63 = (1 << 63) - 1
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from the ``str`` of each part (BLAKE2b); equal parts give equal seeds everywhere."""
-    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode("utf-8"), digest_size=8).digest()
+    # surrogatepass: a key from a non-UTF-8 tar member name holds lone surrogates (surrogateescape); they hash
+    # as fixed bytes instead of failing. Valid text encodes exactly as plain UTF-8, so other seeds are unchanged.
+    text = "\x1f".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & _MASK63
 
 

@@ -56,9 +56,14 @@ def _tar_bytes(item: SourceItem) -> int:
 
 
 def plan_shards(
-    source: Source, split: str, *, maxcount: int, maxsize: int, shuffle_seed: int | None, verify: bool
+    source: Source, split: str, *, maxcount: int, maxsize: int, shuffle_seed: int | None, verify: bool,
+    classes_from: str | None = None,
 ) -> ShardPlan:
-    """Cut ``source`` into shards of at most ``maxcount`` records and (except single records) ``maxsize`` bytes."""
+    """Cut ``source`` into shards of at most ``maxcount`` records and (except single records) ``maxsize`` bytes.
+
+    ``classes_from``: where the class list of a relabelled source came from; it and the list join the options
+    (and the digest), so shards indexed by another list are never taken for these.
+    """
     if maxcount < 1 or maxsize < 1:
         raise ValueError(f"maxcount and maxsize must be >= 1, got {maxcount}, {maxsize}")
     items = list(source.items)
@@ -77,7 +82,11 @@ def plan_shards(
         current_bytes += size
     if current:
         shards.append(current)
-    options = {"maxcount": maxcount, "maxsize": maxsize, "shuffle_seed": shuffle_seed, "verify": verify}
+    options: dict[str, object] = {"maxcount": maxcount, "maxsize": maxsize, "shuffle_seed": shuffle_seed,
+                                  "verify": verify}
+    if classes_from is not None:
+        options["classes_from"] = classes_from
+        options["classes"] = list(source.classes)
     h = hashlib.sha256(json.dumps({"source": source.description, "split": split, "options": options}).encode())
     for index, shard in enumerate(shards):
         for item in shard:

@@ -76,16 +76,33 @@ def _image_files(directory: Path) -> list[Path]:
     return found
 
 
-def image_folder_source(root: Path) -> Source:
-    """``root/<class>/**/<image>``; classes are the sorted sub-directory names."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+def image_folder_classes(root: Path) -> list[str]:
+    """Class names of an ImageFolder root: its sorted sub-directory names (hidden ones excluded)."""
+    classes = sorted(d.name for d in Path(root).iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise DataConfigError(f"{root}: an ImageFolder root needs one sub-directory per class; found none")
+    return classes
+
+
+def image_folder_files(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """(classes, [(image path, label)]) of ``root/<class>/**/<image>``, classes sorted, files sorted per class.
+
+    The one listing of an ImageFolder: the shard writer, the evaluation inputs and the fine-tuning stream all
+    read the same files with the same labels.
+    """
+    root = Path(root)
+    classes = image_folder_classes(root)
     paths: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         paths.extend((p, label) for p in _image_files(root / name))
     if not paths:
         raise DataConfigError(f"{root}: no image files ({', '.join(sorted(SOURCE_IMAGE_SUFFIXES))}) under its classes")
+    return classes, paths
+
+
+def image_folder_source(root: Path) -> Source:
+    """``root/<class>/**/<image>``; classes are the sorted sub-directory names."""
+    classes, paths = image_folder_files(root)
     keys = unique_keys([str(p.relative_to(root).with_suffix("")) for p, _ in paths])
     items = [
         SourceItem(k, label, SOURCE_IMAGE_SUFFIXES[p.suffix.lower()], str(p), p.stat().st_size)

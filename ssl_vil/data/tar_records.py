@@ -6,6 +6,13 @@ in tar order; that index is the record's position in the shard and is what a sha
 
 Local files are opened seekable, so skipping records reads 512-byte headers only; other URLs (``http(s)://``,
 ``pipe:`` ...) are streamed through ``webdataset.gopen`` and skipping reads through the bytes.
+
+Hostile content: member names are decoded as UTF-8 with ``surrogateescape``, so any byte string is a key (the
+same one on every machine, whatever the locale). No record is loaded whose members declare more than
+``max_record_bytes`` (:data:`MAX_RECORD_BYTES`) in total: it is an ``oversized_record``, skipped without reading
+its bytes into memory. Every read tarfile makes is bounded too (a PAX or GNU long-name header declaring gigabytes
+in a small file would otherwise be allocated in full before the short read is noticed): it is done in chunks, so
+memory follows the bytes actually present, and a single read above the bound is a corrupt shard.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import os
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 import webdataset as wds
 
@@ -22,6 +29,14 @@ from ssl_vil.data.errors import DataIssue
 
 # Member extensions that hold an image (compared lower-case); the first one present in a record is used.
 IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm")
+
+# Largest record (sum of its members' sizes) that is loaded; a training record is one encoded image plus small
+# sidecars, and raw records of a whole shuffle window are held per slot, so anything larger is not a sample.
+MAX_RECORD_BYTES = 256 << 20
+# Reads are split into chunks of at most this size, so a short file never causes a large allocation.
+_READ_CHUNK = 1 << 20
+# Member names are bytes in a tar; this makes every name a key, independent of the locale.
+_NAME_ENCODING, _NAME_ERRORS = "utf-8", "surrogateescape"
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -50,6 +65,38 @@ def image_member(members: dict[str, bytes]) -> str | None:
         if ext in lowered:
             return lowered[ext]
     return None
+
+
+class _BoundedReads:
+    """Proxy for the file object tarfile reads from: reads in chunks and refuses one read above ``limit`` bytes.
+
+    tarfile reads a PAX / GNU long-name header or a member in one ``read(declared size)`` call, and a buffered
+    file allocates that size before reading; chunking makes memory follow the bytes actually there.
+    """
+
+    def __init__(self, raw: IO[bytes] | Any, limit: int) -> None:
+        self.raw = raw
+        self.limit = limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.limit + 1  # tarfile always passes a size; an unbounded read is refused like a huge one
+        if size > self.limit:
+            raise tarfile.ReadError(f"a header or member declares {size} bytes, above the {self.limit}-byte bound")
+        if size <= _READ_CHUNK:
+            return self.raw.read(size)
+        chunks: list[bytes] = []
+        left = size
+        while left > 0:
+            chunk = self.raw.read(min(left, _READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, close, comptype ...
+        return getattr(self.raw, name)
 
 
 class _CountingReader:
@@ -95,10 +142,12 @@ class ShardRecordReader:
     Once the shard fails, every later record is a hole carrying the failure (counted only at the failing record).
     """
 
-    def __init__(self, url: str, expected: int | None) -> None:
+    def __init__(self, url: str, expected: int | None, max_record_bytes: int | None = None) -> None:
+        """``max_record_bytes``: None means :data:`MAX_RECORD_BYTES` (read when the reader is made)."""
         self.url = url
         self.expected = expected
-        self._file: IO[bytes] | _CountingReader | None = None
+        self.max_record_bytes = MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes
+        self._file: IO[bytes] | _BoundedReads | _CountingReader | None = None
         self._tar: tarfile.TarFile | None = None
         self._seekable = is_local(url)
         self._opened = False
@@ -175,11 +224,17 @@ class ShardRecordReader:
                 if os.path.getsize(path) == 0:
                     self._fail("empty_shard", 0, "zero-byte shard file")
                     return
-                self._file = open(path, "rb")
-                self._tar = tarfile.open(fileobj=self._file, mode="r:*")
+                self._file = _BoundedReads(open(path, "rb"), self.max_record_bytes)
+                self._tar = tarfile.open(fileobj=self._file, mode="r:*", encoding=_NAME_ENCODING,
+                                         errors=_NAME_ERRORS)
+                if self._tar.fileobj is not self._file:  # compressed: bound the reads of the decompressed data
+                    self._tar.fileobj = _BoundedReads(self._tar.fileobj, self.max_record_bytes)
             else:
                 self._file = _CountingReader(wds.gopen(self.url, "rb"))
-                self._tar = tarfile.open(fileobj=self._file, mode="r|*")
+                self._tar = tarfile.open(fileobj=self._file, mode="r|*", encoding=_NAME_ENCODING,
+                                         errors=_NAME_ERRORS)
+                # The stream tarfile built reads the raw stream in small blocks; bound what tarfile asks of it.
+                self._tar.fileobj = _BoundedReads(self._tar.fileobj, self.max_record_bytes)
         except tarfile.ReadError as exc:
             text = str(exc)
             if "empty file" in text:
@@ -217,11 +272,12 @@ class ShardRecordReader:
         return 0 < size - self._tar.offset < tarfile.BLOCKSIZE
 
     def _next_member(self, load: bool) -> tuple[tarfile.TarInfo, bytes | None] | None:
-        """The next regular-file member, with its bytes when ``load`` (streams must read them now or never)."""
+        """The next regular-file member, with its bytes when ``load`` (streams must read them now or never) and
+        it fits :attr:`max_record_bytes` on its own."""
         info = self._next_info()
         if info is None:
             return None
-        return info, (self._member_bytes(info) if load else None)
+        return info, (self._member_bytes(info) if load and info.size <= self.max_record_bytes else None)
 
     def _member_bytes(self, info: tarfile.TarInfo) -> bytes:
         assert self._tar is not None
@@ -262,6 +318,7 @@ class ShardRecordReader:
                 return None
             key, ext = split_member_name(first[0].name)
             infos: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {ext: first}
+            declared = first[0].size  # the record's bytes so far; a stream loads members only while they fit
             while True:
                 # A header that cannot be read is charged to this record: it may have been one of its members.
                 info = self._next_info()
@@ -271,7 +328,8 @@ class ShardRecordReader:
                 other_key, other_ext = split_member_name(info.name)
                 if other_key != key or other_ext in infos:
                     try:
-                        data = self._member_bytes(info) if stream and load_next else None
+                        fits = info.size <= self.max_record_bytes
+                        data = self._member_bytes(info) if stream and load_next and fits else None
                     except (tarfile.ReadError, EOFError, OSError) as exc:
                         # The next record's own bytes are cut: this record is whole, the next one fails.
                         self._deferred = (index + 1, f"tar is truncated or corrupt at record {index + 1}: {exc}",
@@ -280,9 +338,12 @@ class ShardRecordReader:
                         break
                     self._pending = (info, data)
                     break
-                infos[other_ext] = (info, self._member_bytes(info) if stream and load else None)
+                declared += info.size
+                fits = declared <= self.max_record_bytes
+                infos[other_ext] = (info, self._member_bytes(info) if stream and load and fits else None)
+            oversized = declared > self.max_record_bytes
             members: dict[str, bytes] | None = None
-            if load:
+            if load and not oversized:
                 members = {}
                 for member_ext, (info, data) in infos.items():
                     members[member_ext] = data if data is not None else self._member_bytes(info)
@@ -295,6 +356,9 @@ class ShardRecordReader:
         error: DataIssue | None = None
         if key in self._keys_seen:
             error = DataIssue("duplicate_key", self.url, index, key, "key already used by an earlier record")
+        elif oversized:
+            error = DataIssue("oversized_record", self.url, index, key,
+                              f"members declare {declared} bytes, above max_record_bytes={self.max_record_bytes}")
         elif image_member({e: b"" for e in infos}) is None:
             error = DataIssue("missing_image", self.url, index, key, f"no image member among {sorted(infos)}")
         self._keys_seen.add(key)

@@ -14,7 +14,7 @@ from torch import nn
 from ssl_vil.checkpoint import CheckpointManager, config_hash
 from ssl_vil.eval import finetune_setup as ft
 from ssl_vil.eval.finetune_config import FinetuneConfig
-from ssl_vil.eval.inputs import default_split, eval_transform, open_eval_source
+from ssl_vil.eval.inputs import default_split
 from ssl_vil.eval.reporting import setup_logging
 from ssl_vil.eval.train_inputs import open_train_stream, source_classes
 from ssl_vil.eval.weights_id import weights_sha256
@@ -59,12 +59,16 @@ class _Run:
         self.val_split = d.val_split or (default_split(d.val, "val") if d.val else None)
 
         # Class count (from the data) -> model and its info (size, normalisation) -> transform -> stream.
-        self.num_classes = _class_count(cfg, source_classes(d.train, train_split))
+        self.classes = source_classes(d.train, train_split)
+        self.num_classes = _class_count(cfg, self.classes)
         model, self.info = ft.build_model(cfg, self.num_classes)
         self.model = model.to(self.device)
         self.img_size = d.img_size or int(self.info["img_size"])
         self.mean = d.mean or list(self.info["mean"])
         self.std = d.std or list(self.info["std"])
+        self.val_source = ft.open_val_source(cfg, train_classes=self.classes, img_size=self.img_size, mean=self.mean,
+                                             std=self.std, split=self.val_split, rank=dist.rank,
+                                             world_size=dist.world_size)
         self.stream = open_train_stream(
             d.train, transform=_train_transform(cfg, self.img_size, self.mean, self.std), batch_size=d.batch_size,
             seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, num_workers=d.num_workers,
@@ -165,13 +169,9 @@ class _Run:
         return float(all_reduce_(loss.detach().float().reshape(1), "mean").item())
 
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
-        if not self.cfg.data.val:
+        source = self.val_source
+        if source is None:
             return None
-        d = self.cfg.data
-        source = open_eval_source(d.val, transform=eval_transform(self.img_size, self.mean, self.std,
-                                                                  d.eval_crop_pct),
-                                  batch_size=d.batch_size, rank=self.dist.rank, world_size=self.dist.world_size,
-                                  num_workers=d.num_workers, split=self.val_split)
         res = ft.evaluate(self.model, source.batches(), self.device, self.cfg.train.precision)
         record: dict[str, Any] = {"event": "eval", "step": self.step, "epoch": epoch + 1, "top1": res.top1,
                                   "top5": res.top5, "loss": res.loss, "n_val": res.total}
@@ -248,7 +248,7 @@ def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInf
         "weights": cfg.model.weights,
         "weights_sha256": weights_sha256(source) if source else None,
         "model": run.info["model"], "model_kwargs": run.info.get("kwargs", {}),
-        "num_classes": run.num_classes, "img_size": run.img_size,
+        "num_classes": run.num_classes, "classes": list(run.classes), "img_size": run.img_size,
         "steps": run.step, "train_epochs": cfg.schedule.train_epochs, "steps_per_epoch": run.steps_per_epoch,
         "global_batch_size": run.stream.global_batch_size,
         "samples_seen": run.step * run.stream.global_batch_size,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from ssl_vil.data.seeding import stable_seed
 from ssl_vil.eval.finetune_config import FinetuneConfig
+from ssl_vil.eval.inputs import EvalSource, eval_transform, open_eval_source
 from ssl_vil.infra.dist import all_reduce_
 from ssl_vil.infra.precision import autocast
 
@@ -148,6 +149,22 @@ def evaluate(model: nn.Module, batches: Iterable[Mapping[str, Any]], device: tor
     top1, top5, loss, total = sums.tolist()
     n = max(total, 1.0)
     return EvalResult(100.0 * top1 / n, 100.0 * top5 / n, loss / n, int(total))
+
+
+def open_val_source(cfg: FinetuneConfig, *, train_classes: Sequence[str], img_size: int, mean: Sequence[float],
+                    std: Sequence[float], split: str | None, rank: int, world_size: int) -> EvalSource | None:
+    """The val data (None without ``data.val``), its labels as indices of ``train_classes`` matched by name.
+
+    Opened once when the run is built, so val classes the train data lacks are refused before training starts.
+    """
+    d = cfg.data
+    if not d.val:
+        return None
+    return open_eval_source(d.val, transform=eval_transform(img_size, mean, std, d.eval_crop_pct),
+                            batch_size=d.batch_size, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                            split=split, classes=list(train_classes),
+                            classes_source=f"data.train ({d.train}" + (f" [{cfg.data.train_split}]"
+                                                                     if cfg.data.train_split else "") + ")")
 
 
 # ------------------------------------------------------------------------------------------------ logging

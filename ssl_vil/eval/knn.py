@@ -5,14 +5,20 @@
     torchrun --nproc_per_node=N eval/knn.py ...        (train features stay sharded across ranks)
 
 ``--weights``: a run dir (newest valid checkpoint's teacher), a checkpoint step folder, an exported
-``teacher_backbone.safetensors`` (``model.json`` beside it), or any other ViL weights file with ``--model``.
-``D``: a shard directory / glob / URL, or an ImageFolder directory; every sample is used exactly once.
+``teacher_backbone.safetensors`` (``model.json`` beside it), or any other ViL weights file with ``--model``;
+``random:SPEC`` is SPEC's architecture at random init (seed ``--init-seed``), the baseline:
+``random:recipes/demo_digits.yaml``, ``random:RUN``, ``random:vil2_small_patch16_224``
+(see :mod:`ssl_vil.eval.weights_id`).
+``D``: a shard directory / glob / URL, or an ImageFolder directory; every sample is used exactly once. Labels are
+indices of the train data's class list: val labels are matched to it by class name, and a val class the train data
+lacks is refused (exit status 2, one line). ``results_knn.json`` records that list, k, T and crop_pct.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +27,13 @@ from typing import Any
 import torch
 
 from ssl_vil.config import engine
-from ssl_vil.config.errors import invalid
+from ssl_vil.config.errors import ConfigError, invalid
 from ssl_vil.eval import features as feats
 from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
 from ssl_vil.eval.knn_search import BACKENDS, knn_classify
 from ssl_vil.eval.progress import Progress
 from ssl_vil.eval.reporting import setup_logging
-from ssl_vil.eval.weights_id import weights_sha256
+from ssl_vil.eval.weights_id import is_random_init, random_init_backbone, weights_sha256
 from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
 from ssl_vil.infra.files import write_json_atomic
 
@@ -39,8 +45,10 @@ RESULTS_FILE = "results_knn.json"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval/knn.py", description="k-NN evaluation of a pretrained ViL backbone")
     p.add_argument("--weights", required=True,
-                   help="run dir | checkpoint folder | exported .safetensors | weights file")
+                   help="run dir | checkpoint folder | exported .safetensors | weights file | "
+                        "random:RECIPE.yaml|RUN|MODEL_NAME (random-init baseline)")
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
+    p.add_argument("--init-seed", type=int, default=0, help="torch seed of a --weights random:... init")
     p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
     p.add_argument("--val-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
     p.add_argument("--train-split", default=None,
@@ -75,6 +83,7 @@ class KnnEvalConfig(EvalInputsConfig):
     features: str
     backend: str
     faiss_fp16: bool
+    init_seed: int
 
     def validate(self) -> None:
         EvalInputsConfig.validate(self)  # explicit: slots=True rebuilds the class, which zero-arg super() misses
@@ -90,10 +99,18 @@ def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0)."""
+    """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0).
+
+    Data that cannot be evaluated (missing shards, val classes the train data lacks...) exits with status 2 and
+    one line on stderr.
+    """
     args = parse_config(argv)
-    with process_group(args.device) as dist:
-        return evaluate(args, dist)
+    try:
+        with process_group(args.device) as dist:
+            return evaluate(args, dist)
+    except ConfigError as exc:
+        print(f"eval/knn.py: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
@@ -103,7 +120,10 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
 
     from ssl_vil.export import load_pretrained_backbone
 
-    model, info = load_pretrained_backbone(args.weights, args.model)
+    if is_random_init(args.weights):
+        model, info = random_init_backbone(args.weights, args.init_seed)
+    else:
+        model, info = load_pretrained_backbone(args.weights, args.model)
     model = model.to(dist.device).eval()
     img_size = args.img_size or int(info["img_size"])
     crop_pct = args.crop_pct if args.crop_pct is not None else float(info.get("crop_pct", DEFAULT_CROP_PCT))
@@ -118,11 +138,17 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     sizes: dict[str, int] = {}
     skipped: dict[str, int] = {}
     times: dict[str, float] = {"load_s": t_loaded - t_start}
-    splits = (("train", args.train_data, args.train_split), ("val", args.val_data, args.val_split))
-    for split, data, split_name in splits:
-        split_name = split_name or default_split(data, split)
-        source = open_eval_source(data, transform=transform, batch_size=args.batch_size, rank=dist.rank,
-                                  world_size=dist.world_size, num_workers=args.num_workers, split=split_name)
+    # Both sources are opened before any feature is computed, so a class mismatch is reported at once.
+    train_source = open_eval_source(
+        args.train_data, transform=transform, batch_size=args.batch_size, rank=dist.rank,
+        world_size=dist.world_size, num_workers=args.num_workers,
+        split=args.train_split or default_split(args.train_data, "train"))
+    classes = list(train_source.classes)
+    val_source = open_eval_source(
+        args.val_data, transform=transform, batch_size=args.batch_size, rank=dist.rank, world_size=dist.world_size,
+        num_workers=args.num_workers, split=args.val_split or default_split(args.val_data, "val"),
+        classes=classes, classes_source=f"train data ({train_source.description})")
+    for split, source in (("train", train_source), ("val", val_source)):
         logger.info("%s: %s (%s samples)", split, source.description, source.num_samples or "unknown")
         expected_local = -(-source.num_samples // dist.world_size) if source.num_samples else None
         t0 = time.perf_counter()
@@ -142,6 +168,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         _as_features(val.features, dim).to(dist.device), val.labels.to(dist.device),
         _as_features(train.features, dim).to(dist.device), train.labels.to(dist.device),
         args.k, temperature=args.temperature, backend=args.backend, faiss_fp16=args.faiss_fp16,
+        num_classes=len(classes) or None,
     )
     times["knn_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_start
@@ -149,7 +176,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     results: dict[str, Any] = {
         "protocol": "knn",
         "weights": str(args.weights),
-        "weights_sha256": weights_sha256(info.get("source", args.weights)),
+        "weights_sha256": info.get("weights_sha256") or weights_sha256(info.get("source", args.weights)),
         "weights_source": str(info.get("source", args.weights)),
         "model": info["model"],
         "model_kwargs": info.get("kwargs", {}),
@@ -161,6 +188,9 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "train_data": args.train_data, "val_data": args.val_data,
         "n_train": sizes["train"], "n_val": sizes["val"],
         "skipped_unreadable": skipped,
+        # The class index every label above is in (the train data's; val labels were matched to it by name).
+        "classes": classes, "val_classes": list(val_source.own_classes),
+        "k": list(args.k), "crop_pct": crop_pct,
         "temperature": args.temperature, "backend": args.backend, "world_size": dist.world_size,
         "device": str(dist.device),
         "results": [

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import torch
 from torchvision import transforms
 
 from ssl_vil.config import engine
-from ssl_vil.config.errors import invalid
+from ssl_vil.config.errors import ConfigError, invalid
 from ssl_vil.eval import features as feats
 from ssl_vil.eval import linear_probe as linear
 from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
@@ -136,9 +137,14 @@ def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the linear grid; data that cannot be evaluated exits with status 2 and one line on stderr."""
     args = parse_config(argv)
-    with process_group(args.device) as dist:
-        return evaluate(args, dist)
+    try:
+        with process_group(args.device) as dist:
+            return evaluate(args, dist)
+    except ConfigError as exc:
+        print(f"eval/linear.py: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
@@ -171,17 +177,20 @@ def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
     frac = args.heldout_fraction
     times: dict[str, float] = {}
 
-    def eval_source(data: str, split: str | None):
+    def eval_source(data: str, split: str | None, **align: Any):
         return open_eval_source(data, transform=eval_transform(img_size, mean, std, crop_pct),
                                 batch_size=args.batch_size, rank=dist.rank, world_size=dist.world_size,
-                                num_workers=args.num_workers, split=split)
+                                num_workers=args.num_workers, split=split, **align)
 
     # Un-augmented passes: val always; the train set for the held-out part (and, precomputed, for training).
+    # The train data's class list is the index of every label; val labels are matched to it by name.
     t0 = time.perf_counter()
-    val_src = eval_source(args.val_data, val_split)
+    train_src = eval_source(args.train_data, train_split)
+    classes = list(train_src.classes)
+    val_src = eval_source(args.val_data, val_split, classes=classes,
+                          classes_source=f"train data ({train_src.description})")
     val_bank = _extract_bank(val_src.batches(), grid_fn, device, Progress("val features", val_src.num_samples,
                                                                            enabled=dist.is_main))
-    train_src = eval_source(args.train_data, train_split)
     keep = None if args.precompute_features else (lambda k: linear.is_heldout(k, frac))
     train_bank = _extract_bank(train_src.batches(), grid_fn, device,
                                Progress("train features" if keep is None else "held-out features",
@@ -255,6 +264,7 @@ def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "cls_pooling": cls_pooling, "img_size": img_size, "crop_pct": crop_pct,
         "n_train_fit": n_fit, "n_heldout": n_heldout, "heldout_fraction": frac,
         "n_val": all_reduce_scalar(len(val_bank), "sum", device), "num_classes": num_classes,
+        "classes": classes, "val_classes": list(val_src.own_classes),
         "global_batch_size": global_batch, "train_steps": total_steps,
         "train_epochs": total_steps / steps_per_epoch, "lrs": list(args.lrs), "block_counts": block_counts,
         "heldout_selected": rep.heldout_selected, "val_selected": rep.val_selected, "heads": rep.heads,

@@ -8,11 +8,14 @@ A save is one :class:`~ssl_vil.checkpoint.CheckpointManager` folder with the pay
 * ``train_state`` the step and sample counters, every stateful loop component (data cursor, guards) and the RNG
   streams of every rank: what a bitwise-exact continuation needs besides the model and the optimizer.
 
-Components are registered by name; anything with ``state_dict()`` / ``load_state_dict()`` qualifies.
+Components are registered by name; anything with ``state_dict()`` / ``load_state_dict()`` qualifies. Each manifest
+records the resolved config under ``metadata["config"]``, so a resume can be checked against the config the
+state was computed with even when ``RUN/config.yaml`` is lost.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +23,10 @@ from typing import Any, Protocol
 from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, capture_rng_state, restore_rng_state
 from ssl_vil.infra.dist import all_gather_object, barrier, is_distributed
 from ssl_vil.infra.timing import is_due
+
+
+# Manifest metadata key holding the resolved config a checkpoint was written with.
+CONFIG_METADATA_KEY = "config"
 
 
 class Stateful(Protocol):
@@ -44,19 +51,23 @@ class Checkpointer:
     """
 
     def __init__(self, manager: CheckpointManager, *, every_steps: int, total_steps: int,
-                 payload: dict[str, Stateful], loop_state: dict[str, Stateful | None]) -> None:
+                 payload: dict[str, Stateful], loop_state: dict[str, Stateful | None],
+                 config_record: dict[str, Any] | None = None) -> None:
         self.manager, self.every_steps, self.total_steps = manager, every_steps, total_steps
         self.payload, self.loop_state = payload, loop_state
+        self.config_record = config_record
 
     @classmethod
     def for_run(cls, run_dir: Path, cfg: Any, *, config_hash: str, world_size: int, rank: int, git_sha: str | None,
-                payload: dict[str, Stateful], loop_state: dict[str, Stateful | None]) -> Checkpointer:
+                payload: dict[str, Stateful], loop_state: dict[str, Stateful | None],
+                config_record: dict[str, Any] | None = None) -> Checkpointer:
+        """``config_record``: the resolved config as plain data, stored in every manifest."""
         c = cfg.checkpoint
         manager = CheckpointManager(run_dir, keep_last=c.keep_last, keep_every_steps=c.keep_every_steps,
                                     config_hash=config_hash, world_size=world_size, git_sha=git_sha, rank=rank,
                                     barrier=barrier if is_distributed() else None)
         return cls(manager, every_steps=c.every_steps, total_steps=cfg.derived.total_steps, payload=payload,
-                   loop_state=loop_state)
+                   loop_state=loop_state, config_record=config_record)
 
     @property
     def fallbacks(self) -> int:
@@ -72,13 +83,22 @@ class Checkpointer:
         train_state |= {name: c.state_dict() if c is not None else {} for name, c in self.loop_state.items()}
         train_state["rng"] = _gather_rng()
         payload = {name: c.state_dict() for name, c in self.payload.items()} | {"train_state": train_state}
-        return self.manager.save(progress.step, payload, metadata={"samples_seen": progress.samples_seen})
+        metadata: dict[str, Any] = {"samples_seen": progress.samples_seen}
+        if self.config_record is not None:
+            metadata[CONFIG_METADATA_KEY] = self.config_record
+        return self.manager.save(progress.step, payload, metadata=metadata)
 
-    def restore(self, progress: Progress, rank: int) -> LoadedCheckpoint | None:
-        """Load the newest verified checkpoint into the components and ``progress``; None on a fresh run."""
+    def restore(self, progress: Progress, rank: int, *,
+                check: Callable[[LoadedCheckpoint], None] | None = None) -> LoadedCheckpoint | None:
+        """Load the newest verified checkpoint into the components and ``progress``; None on a fresh run.
+
+        ``check(loaded)`` runs before any component is touched (e.g. to refuse an incompatible config).
+        """
         loaded = self.manager.load_latest()
         if loaded is None:
             return None
+        if check is not None:
+            check(loaded)
         for name, component in self.payload.items():
             component.load_state_dict(loaded.payload[name])
         st = loaded.payload["train_state"]

@@ -2,22 +2,34 @@
 
 The same command runs on one process, under ``torchrun`` and under the Slurm launcher (``cluster/submit.py``).
 An existing run dir resumes automatically from its newest valid checkpoint.
+
+Exit codes: 0 done; 2 refused to start, with one ``config error:`` / ``error:`` line on stderr and the run dir left
+as it was (bad config or overrides, an output path that cannot be a directory, ``train.device=cuda`` without CUDA,
+unusable data, a config that differs from the run's record in keys that may not change on resume, no usable
+checkpoint, the run dir locked by another trainer); 3 stopped by a guard; 75 saved for a requeue after a
+preemption signal (SIGUSR2 / SIGTERM); 130 stopped by Ctrl-C, after saving at the step boundary (a second Ctrl-C
+exits at once without saving). A run stopped by a signal ends with one ``resume with:`` line giving the command.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from ssl_vil.train.preemption import REQUEUE_EXIT_CODE
+from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
+# Refused before training: the config, the output dir, the device, the data or the run dir's state cannot work.
+REFUSED_EXIT_CODE = 2
 # A run stopped by a guard (non-finite values past the policy, a collapsed teacher, a blown data error budget).
 GUARD_EXIT_CODE = 3
 
-__all__ = ["GUARD_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser", "main"]
+__all__ = ["GUARD_EXIT_CODE", "INTERRUPT_EXIT_CODE", "REFUSED_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser",
+           "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,37 +40,79 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _one_line_on_interrupt(entry: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Ctrl-C outside the training loop (start-up, shutdown), where no save is due: one line and 130, no traceback.
+    Inside the loop the trainer's handler takes SIGINT and no KeyboardInterrupt is raised."""
+    @functools.wraps(entry)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return entry(argv)
+        except KeyboardInterrupt:
+            print("interrupted outside the training loop: exiting without saving", file=sys.stderr, flush=True)
+            return INTERRUPT_EXIT_CODE
+    return wrapper
+
+
+def _announce_resume(code: int, argv: list[str] | None, is_main: bool) -> int:
+    """After a save for a signal (preemption or Ctrl-C), rank 0 ends with the command that continues the run."""
+    if code in (REQUEUE_EXIT_CODE, INTERRUPT_EXIT_CODE) and is_main:
+        why = "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted"
+        command = shlex.join(["python", "-m", "ssl_vil.train", *(sys.argv[1:] if argv is None else argv)])
+        print(f"{why}: checkpoint saved; resume with: {command}", file=sys.stderr, flush=True)
+    return code
+
+
+@_one_line_on_interrupt
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate the config (before any process group), then train. Returns the process exit code."""
     args = build_parser().parse_args(argv)
     from ssl_vil.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ssl_vil.train.run_dir import RunDirError, check_output_dir, check_resume_compatible
+
+    # Everything that can be checked without side effects is checked before any process group exists and
+    # before the output dir is touched.
     try:
         cfg = load_config(args.config, args.overrides)
+        check_output_dir(args.output_dir)
+        _check_device(cfg.train.device)
+        check_resume_compatible(args.output_dir, cfg)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(f"config error: {e}")
+    except RunDirError as e:
+        return _refuse(f"error: {e}")
 
     from ssl_vil.data.errors import DataErrorBudgetExceeded
     from ssl_vil.infra.dist import init_distributed, shutdown
     from ssl_vil.train.guards import CollapseError, NonFiniteError
     from ssl_vil.train.loop import run
-    from ssl_vil.train.run_dir import prepare_run_dir
 
-    try:
-        prepare_run_dir(args.output_dir, cfg, is_main=int(os.environ.get("RANK", "0")) == 0)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     info = init_distributed(device=cfg.train.device, backend=cfg.dist.backend, timeout_s=cfg.dist.timeout_s)
     try:
-        return run(cfg, args.output_dir, info)
+        return _announce_resume(run(cfg, args.output_dir, info), argv, info.is_main)
     except ConfigError as e:  # e.g. too few shards for ranks × workers, found when the stream opens
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(f"config error: {e}")
+    except RunDirError as e:  # locked by another trainer, no usable checkpoint
+        return _refuse(f"error: {e}")
     except (NonFiniteError, CollapseError, DataErrorBudgetExceeded) as e:
         print(f"training stopped on rank {info.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return GUARD_EXIT_CODE
     finally:
         shutdown()
+
+
+def _refuse(message: str) -> int:
+    print(message, file=sys.stderr, flush=True)
+    return REFUSED_EXIT_CODE
+
+
+def _check_device(requested: str) -> None:
+    from ssl_vil.config import ConfigError
+
+    if requested == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("got 'cuda', but CUDA is not available on this machine; expected 'auto' or 'cpu'",
+                              key="train.device")

@@ -12,6 +12,7 @@ from typing import Literal
 
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
+from ssl_vil.eval.inputs import DEFAULT_CROP_PCT
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,13 +47,19 @@ class GuardConfig(Config):
 @dataclass(kw_only=True, slots=True)
 class KnnMonitorConfig(Config):
     """Periodic k-NN of the teacher backbone during pretraining, every ``every_steps`` (0: off) and at the end,
-    on the labelled shards ``train`` (memory bank) and ``val`` (queries); ``k``: neighbour counts reported."""
+    on the labelled shards ``train`` (memory bank) and ``val`` (queries); ``k``: neighbour counts reported.
+
+    The protocol is ``eval/knn.py``'s with its defaults: "[CLS]" features, weight exp(sim / ``temperature``),
+    bicubic resize of the short side to global_size / ``crop_pct`` and a centre crop of global_size, so the
+    monitor's numbers are the ones the k-NN CLI gives for the same checkpoint and data.
+    """
 
     every_steps: int = 0
     train: str = ""
     val: str = ""
     k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     temperature: float = 0.07
+    crop_pct: float = DEFAULT_CROP_PCT
     batch_size: int = 256
 
     def validate(self) -> None:
@@ -62,6 +69,8 @@ class KnnMonitorConfig(Config):
             raise invalid("k", self.k, "a non-empty list of positive integers")
         if self.temperature <= 0:
             raise invalid("temperature", self.temperature, "a positive temperature")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
         if self.batch_size <= 0:
             raise invalid("batch_size", self.batch_size, "a positive integer")
         if self.every_steps and not (self.train and self.val):

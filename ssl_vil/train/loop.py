@@ -1,7 +1,8 @@
 """The training loop: resume, iterate, log, checkpoint, preempt, export.
 
 ``run(cfg, run_dir, dist)`` is what ``python -m ssl_vil.train`` calls on every rank, locally, under torchrun and
-under the Slurm launcher. It returns 0 when the run is complete, :data:`REQUEUE_EXIT_CODE` after a preemption save.
+under the Slurm launcher. It returns 0 when the run is complete, :data:`REQUEUE_EXIT_CODE` after a preemption save,
+:data:`INTERRUPT_EXIT_CODE` after a Ctrl-C save.
 Policies live in the components it drives: the step guard decides skip / stop (one collective per step), the
 checkpointer decides when to save and what a save holds, the logger when to print.
 """
@@ -11,17 +12,18 @@ from __future__ import annotations
 import functools
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ssl_vil.checkpoint import config_hash
+from ssl_vil.checkpoint import CheckpointError, LoadedCheckpoint, config_hash
 from ssl_vil.config import RunConfig, to_dict
-from ssl_vil.infra.dist import DistInfo, barrier, is_distributed
+from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, is_distributed
 from ssl_vil.export import export_run
 from ssl_vil.infra.precision import autocast, resolve_precision
 from ssl_vil.infra.timing import StepTimer
@@ -31,8 +33,8 @@ from ssl_vil.train.data import batches_forever, build_stream
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.metrics_log import MetricsLogger
-from ssl_vil.train.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
-from ssl_vil.train.run_dir import git_sha
+from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
+from ssl_vil.train.run_dir import RunDirError, RunDirLock, check_checkpoint_config, git_sha, write_run_record
 from ssl_vil.train.step import DIAGNOSTICS, LOSS_TERMS, StepComponents, train_step
 from ssl_vil.train.step_guard import StepGuard, Verdict
 from ssl_vil.train.watchdog import HangWatchdog
@@ -40,24 +42,68 @@ from ssl_vil.train.watchdog import HangWatchdog
 log = logging.getLogger("ssl_vil.train")
 
 SCHEDULE_KEYS = ("lr", "weight_decay", "ema_momentum", "teacher_temp")
+T = TypeVar("T")
 
 
 def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
-    """Train to ``derived.total_steps`` (resuming from the run dir); 0 when done, REQUEUE_EXIT_CODE if preempted."""
+    """Train to ``derived.total_steps`` (resuming from the run dir); 0 when done, REQUEUE_EXIT_CODE if preempted.
+
+    Nothing is written to ``run_dir`` until the run is known to start: the data source is opened and the model
+    built, rank 0 takes the run dir's lock, every rank loads the checkpoint and checks its recorded config, and
+    all ranks agree; only then is ``config.yaml`` written. A refusal raises :class:`RunDirError` (or
+    ``ConfigError``) on every rank and leaves ``run_dir`` as it was.
+    """
     # Installed first: a signal during start-up is honoured at the first step boundary (save, exit to requeue).
-    preempt = PreemptionFlag()
+    preempt = PreemptionFlag(interrupt=True, announce=dist.is_main)
     preempt.install()
+    lock = RunDirLock(run_dir) if dist.is_main else None
+    started = False
     try:
-        return _train(cfg, run_dir, dist, _build(cfg, run_dir, dist, preempt))
+        t = _build(cfg, run_dir, dist, preempt)
+        _on_every_rank(lambda: lock.acquire() if lock is not None else None)
+        progress = Progress()
+        loaded = _on_every_rank(lambda: _restore(cfg, run_dir, dist, t, progress))
+        if dist.is_main:
+            write_run_record(run_dir, cfg)
+            t.checkpointer.manager.remove_empty_step_dirs()
+        started = True
+        return _train(cfg, run_dir, dist, t, progress, loaded)
     finally:
+        if lock is not None:
+            lock.release(undo_create=not started)
         preempt.uninstall()
 
 
-def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer) -> int:
-    """resume -> [data -> step -> log -> monitor -> checkpoint -> preempt?]* -> export."""
+def _restore(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress: Progress
+             ) -> LoadedCheckpoint | None:
+    """Load the newest usable checkpoint after checking the config it records against ``cfg``."""
+    try:
+        return t.checkpointer.restore(progress, dist.rank, check=lambda c: check_checkpoint_config(run_dir, c, cfg))
+    except CheckpointError as exc:
+        raise RunDirError(f"cannot resume {run_dir}: {exc}. Nothing was modified; repair or move aside the "
+                          f"damaged step folders, or use a new --output-dir") from exc
+
+
+def _on_every_rank(start_step: Callable[[], T]) -> T:
+    """Run one start-up step; if it fails on any rank, every rank raises (so no rank starts training alone)."""
+    error: BaseException | None = None
+    value = None
+    try:
+        value = start_step()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the ranks agree
+        error = exc
+    failed = all_reduce_scalar(int(error is not None), "max") if is_distributed() else int(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RunDirError("another rank refused to start (see its message); nothing was written")
+    return value
+
+
+def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress: Progress,
+           loaded: LoadedCheckpoint | None) -> int:
+    """[data -> step -> log -> monitor -> checkpoint -> preempt?]* -> export, from the restored ``progress``."""
     total, batch = cfg.derived.total_steps, cfg.optim.global_batch_size
-    progress = Progress()
-    loaded = t.checkpointer.restore(progress, dist.rank)
     logger = MetricsLogger(run_dir, dist.rank, log_every_steps=cfg.logging.log_every_steps, total_steps=total,
                            tensorboard=cfg.logging.tensorboard, start_step=progress.step)
     if loaded is not None:
@@ -89,8 +135,10 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer) -> int:
                     t.checkpointer.save(progress)
                 timer.start()
             if verdict.stop:
-                logger.log_event("preempted", step=progress.step, exit_code=REQUEUE_EXIT_CODE)
-                return REQUEUE_EXIT_CODE
+                code = _stop_exit_code(t.step.guard.preempt)
+                event = "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted"
+                logger.log_event(event, step=progress.step, exit_code=code)
+                return code
     finally:
         watchdog.stop()
         logger.close()
@@ -135,7 +183,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
         payload["grad_scaler"] = scaler
     checkpointer = Checkpointer.for_run(
         run_dir, cfg, config_hash=config_hash(to_dict(cfg)), world_size=dist.world_size, rank=dist.rank,
-        git_sha=git_sha(), payload=payload,
+        git_sha=git_sha(), payload=payload, config_record=to_dict(cfg),
         loop_state={"data": stream, "finite_guard": finite, "spike_guard": spike, "collapse": collapse})
     step = StepComponents(
         objective=objective, student=student, optimizer=optimizer, schedule=cfg,
@@ -156,6 +204,15 @@ def _log_step(logger: MetricsLogger, progress: Progress, epoch: int, v: Verdict,
     if v.skip:
         reasons = {"nonfinite": float(v.skip_nonfinite), "spike": float(v.skip_spike)}
         logger.log_event("step_skipped", step=progress.step, **reasons, **({"overflow": 1.0} if v.overflow else {}))
+
+
+def _stop_exit_code(preempt: PreemptionFlag) -> int:
+    """INTERRUPT_EXIT_CODE on every rank when any rank got a Ctrl-C (the user's stop, never requeued), else
+    REQUEUE_EXIT_CODE. Collective, once, at the step where every rank stops."""
+    interrupted = int(preempt.interrupted)
+    if is_distributed():
+        interrupted = all_reduce_scalar(interrupted, "max")
+    return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
 
 
 def _seed_everything(seed: int) -> None:

@@ -5,10 +5,13 @@
     {"step": 120, "samples_seen": 7680, "epoch": 0, "time_s": 1.7e9,
      "losses": {"loss": 5.123, "dino": 4.9, "ibot": 0.2, "koleo": -0.03},
      "diagnostics": {"teacher_entropy_ratio": 0.81},
-     "lr": 0.0012, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.04,
+     "lr": 0.0012, "weight_decay": 0.04, "ema_momentum": 0.996, "teacher_temp": 0.04,
      "img_per_s": 98.1, "data_wait_fraction": 0.03, "step_time_s": 0.65, "max_memory_mb": 812.0, ...}
 
 and an event record carries an ``"event"`` field: ``{"event": "skipped_step", "time_s": ..., "step": 7, ...}``.
+The in-training k-NN monitor's results are ``knn`` events (``{"event": "knn", "step": 500, "knn_top1": 71.2,
+"knn_top1_k20": 71.2, "knn_top5_k20": 93.0, ...}``); their accuracies also go to TensorBoard as ``knn/top1``,
+``knn/top1_k20``, ``knn/top5_k20``.
 ``step`` counts completed optimizer steps, so the last record of a finished run has ``step == total_steps``.
 Python's ``json`` writes non-finite floats as ``NaN`` / ``Infinity`` (a skipped step's loss may be NaN).
 
@@ -23,6 +26,7 @@ used only when stdout is a TTY, on rank 0 (``TQDM_DISABLE=1`` turns it off).
 from __future__ import annotations
 
 import math
+import re
 import resource
 import sys
 import time
@@ -38,6 +42,9 @@ METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 ENTROPY_RATIO_KEY = "teacher_entropy_ratio"
 TOTAL_LOSS_KEY = "loss"
+KNN_EVENT = "knn"
+# The accuracies of a k-NN event (``knn_top1``, ``knn_top5_k20``); its protocol fields are constants, not curves.
+_KNN_ACCURACY = re.compile(r"^knn_(top[15](?:_k\d+)?)$")
 
 _RESERVED = frozenset({
     "step", "samples_seen", "epoch", "time_s", "losses", "diagnostics", "img_per_s", "data_wait_fraction",
@@ -160,7 +167,8 @@ class MetricsLogger:
         Args:
             losses: objective outputs by name; ``"loss"`` is the total (``{"loss", "dino", "ibot", "koleo"}``).
             diagnostics: e.g. ``{"teacher_entropy_ratio": 0.81}`` (shown as ``H/lnK`` in the progress line).
-            schedules: schedule values at this step, stored top-level (``lr``, ``wd``, ``momentum``, ``teacher_temp``).
+            schedules: schedule values at this step, stored top-level (``lr``, ``weight_decay``, ``ema_momentum``,
+                ``teacher_temp``).
             timing: the :class:`ssl_vil.infra.timing.StepTimer` window since the last logged step.
             scalars: any further top-level scalars (e.g. ``knn_top1``).
 
@@ -205,13 +213,17 @@ class MetricsLogger:
         return record
 
     def log_event(self, kind: str, **fields: Any) -> dict[str, Any] | None:
-        """Append a one-off event (data error counts, fallback, skipped step, ...) and print it."""
+        """Append a one-off event (data error counts, fallback, skipped step, ...) and print it; a ``knn`` event
+        with a ``step`` also writes its accuracies to TensorBoard (``knn/top1``, ``knn/top5_k20``, ...)."""
         if not self.active:
             return None
         if "event" in fields or "time_s" in fields:
             raise ValueError("MetricsLogger.log_event: 'event' and 'time_s' are set by the logger")
         record = {"event": kind, "time_s": round(time.time(), 3), **fields}
         self._write(record)
+        if kind == KNN_EVENT and isinstance(fields.get("step"), int):
+            self._add_scalars({f"knn/{m.group(1)}": v for k, v in fields.items()
+                               if (m := _KNN_ACCURACY.match(k)) and isinstance(v, (int, float))}, fields["step"])
         line = f"event {kind}: " + " ".join(f"{k}={v}" for k, v in fields.items())
         if self._bar is not None:
             self._bar.write(line)
@@ -235,15 +247,18 @@ class MetricsLogger:
     def _write(self, record: Mapping[str, Any]) -> None:
         self._log.write(record)
 
-    def _write_tensorboard(self, record: Mapping[str, Any], schedules: Mapping[str, float],
-                           scalars: Mapping[str, Any]) -> None:
-        if not self.tensorboard:
+    def _add_scalars(self, tags: Mapping[str, float], step: int) -> None:
+        if not self.tensorboard or not tags:
             return
         if self._tb is None:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 with TensorBoard pays
 
             self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=self._tb_purge_step)
-        step = record["step"]
+        for tag, value in tags.items():
+            self._tb.add_scalar(tag, value, global_step=step)
+
+    def _write_tensorboard(self, record: Mapping[str, Any], schedules: Mapping[str, float],
+                           scalars: Mapping[str, Any]) -> None:
         tags = {
             **{f"loss/{k}": v for k, v in record["losses"].items()},
             **{f"diag/{k}": v for k, v in record["diagnostics"].items()},
@@ -252,8 +267,7 @@ class MetricsLogger:
                if k in record},
             **{k: v for k, v in scalars.items() if isinstance(v, (int, float))},
         }
-        for tag, value in tags.items():
-            self._tb.add_scalar(tag, value, global_step=step)
+        self._add_scalars(tags, record["step"])
 
     def close(self) -> None:
         self._log.close()

@@ -12,10 +12,16 @@ While the flag is installed it replaces the handlers that were there before, inc
 ``checkpoint_and_try_requeue`` handler for SIGUSR2 (which would requeue from rank 0 alone, inside the handler).
 :meth:`PreemptionFlag.uninstall` restores them. The Slurm launcher relies on the trainer saving and exiting with
 :data:`REQUEUE_EXIT_CODE`, and requeues the job when it sees that code.
+
+Ctrl-C (SIGINT, with ``interrupt=True``) stops the same way, at the next step boundary with a save, but it is the
+user's stop, not a preemption: the trainer exits with :data:`INTERRUPT_EXIT_CODE`, which no launcher requeues.
+A second SIGINT exits at once, without saving. The trainer's DataLoader workers ignore all of these signals
+(``ssl_vil.data.workers.WORKER_IGNORED_SIGNALS``): a Ctrl-C reaches the whole foreground process group.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -30,7 +36,15 @@ import torch.distributed as dist
 # hang watchdog's 86.
 REQUEUE_EXIT_CODE = 75
 
+# Exit status of a run stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a program killed by Ctrl-C, so
+# scripts and launchers treat it as the user's stop (cluster/job.py requeues on REQUEUE_EXIT_CODE only).
+INTERRUPT_EXIT_CODE = 128 + int(signal.SIGINT)
+
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)
+
+_FIRST_INTERRUPT_NOTICE = (b"interrupted: saving a checkpoint at the end of this step; "
+                           b"press Ctrl-C again to exit now without saving\n")
+_SECOND_INTERRUPT_NOTICE = b"interrupted again: exiting now without saving (exit code 130)\n"
 
 _Handler = Callable[[int, FrameType | None], Any] | int | None
 
@@ -49,18 +63,42 @@ class PreemptionFlag:
         flag.uninstall()
     """
 
-    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, device: torch.device | str | None = None) -> None:
-        """``device`` holds the all-reduced flag; None picks the current CUDA device for NCCL and CPU otherwise."""
+    def __init__(self, signals: Sequence[int] = DEFAULT_SIGNALS, device: torch.device | str | None = None, *,
+                 interrupt: bool = False, announce: bool = True) -> None:
+        """``device`` holds the all-reduced flag; None picks the current CUDA device for NCCL and CPU otherwise.
+
+        ``interrupt``: also handle SIGINT (stop at the step boundary; a second one exits at once with
+        :data:`INTERRUPT_EXIT_CODE`). ``announce``: say so on stderr when the first SIGINT arrives (one rank).
+        """
         self.signals = tuple(signals)
         self.device = None if device is None else torch.device(device)
+        self.interrupt = interrupt
+        self.announce = announce
         # Number of the last signal received; 0 = none. Written by the handler, read by the step loop.
         self.signum = 0
+        # A SIGINT arrived: the stop is the user's, not a preemption.
+        self.interrupted = False
+        self._pid = os.getpid()
         self._previous: dict[int, _Handler] = {}
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only an attribute store: no I/O, logging, locks or allocation, so it is safe wherever the main thread
         # was interrupted (tests/test_guards_preemption.py checks the bytecode calls nothing).
         self.signum = signum
+
+    def _on_interrupt(self, signum: int, frame: FrameType | None) -> None:
+        # Writes go straight to fd 2 (os.write): a buffered stream or a logging lock may be what was interrupted.
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker before its init function ignores SIGINT: the parent handles it
+        if self.interrupted:
+            os.write(2, _SECOND_INTERRUPT_NOTICE)
+            # At once: no cleanup that could block (worker joins, collectives). The run dir lock is released by
+            # the kernel with the process, and checkpoints are written atomically, so nothing is left half-done.
+            os._exit(INTERRUPT_EXIT_CODE)
+        self.interrupted = True
+        self.signum = signum
+        if self.announce:
+            os.write(2, _FIRST_INTERRUPT_NOTICE)
 
     def install(self) -> None:
         """Install the handler for each signal, keeping the previous handlers for :meth:`uninstall`."""
@@ -69,6 +107,8 @@ class PreemptionFlag:
         for sig in self.signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+        if self.interrupt and signal.SIGINT not in self._previous:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_interrupt)
 
     def uninstall(self) -> None:
         """Restore the handlers that were installed before :meth:`install`."""
@@ -106,7 +146,9 @@ def ignore_in_worker(worker_id: int = 0, signals: Sequence[int] = DEFAULT_SIGNAL
     """DataLoader ``worker_init_fn``: ignore the preemption signals in worker processes.
 
     Slurm signals every process of the step, DataLoader workers included; by default they would die and take the
-    rank down before it can save. The main process handles the signal and shuts the workers down itself.
+    rank down before it can save. The main process handles the signal and shuts the workers down itself. A loop
+    whose flag handles Ctrl-C (``interrupt=True``) passes ``(*DEFAULT_SIGNALS, signal.SIGINT)``: a Ctrl-C reaches
+    the workers too.
     """
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
