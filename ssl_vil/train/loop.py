@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, is_distribu
 from ssl_vil.export import export_run
 from ssl_vil.infra.precision import autocast, resolve_precision
 from ssl_vil.infra.timing import StepTimer
+from ssl_vil.train.banner import end_summary, start_banner
 from ssl_vil.train.build import build_optimizer, build_ssl_objective
 from ssl_vil.train.checkpointing import Checkpointer, Progress
 from ssl_vil.train.data import batches_forever, build_stream
@@ -66,6 +68,8 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         if dist.is_main:
             write_run_record(run_dir, cfg)
             t.checkpointer.manager.remove_empty_step_dirs()
+            log.info("\n%s", start_banner(cfg, run_dir, dist, student=t.step.objective.student, stream=t.stream,
+                                           precision=t.precision, resumed_step=progress.step if loaded else None))
         started = True
         return _train(cfg, run_dir, dist, t, progress, loaded)
     finally:
@@ -112,6 +116,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
         logger.log_event("checkpoint_fallback", fallbacks=t.checkpointer.fallbacks)
     watchdog = HangWatchdog(cfg.guards.watchdog_timeout_s, run_dir, dist.rank)
     timer, knn = StepTimer(), KnnMonitor(cfg, dist)
+    started_at, first_step, last_loss, last_knn = time.monotonic(), progress.step, None, None
     batches = batches_forever(t.stream)
     t.step.objective.train()
     watchdog.start()
@@ -126,9 +131,11 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
             progress.samples_seen += batch
             timer.step_done(batch)
             _log_step(logger, progress, t.stream.epoch, verdict, timer)
+            last_loss = verdict.metrics["loss"]
             if knn.due(progress.step):
                 with watchdog.paused():
-                    logger.log_event("knn", step=progress.step, **knn(t.step.objective.teacher.backbone))
+                    last_knn = knn(t.step.objective.teacher.backbone)
+                    logger.log_event("knn", step=progress.step, **last_knn)
                 timer.start()
             if t.checkpointer.due(progress.step, stop=verdict.stop):
                 with watchdog.paused():
@@ -143,7 +150,11 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
         watchdog.stop()
         logger.close()
     if dist.is_main:
-        export_run(run_dir, progress.step)
+        exported = export_run(run_dir, progress.step)
+        k = cfg.knn_monitor
+        log.info("\n%s", end_summary(run_dir, steps=progress.step - first_step, seconds=time.monotonic() - started_at,
+                                     last_loss=last_loss, knn=last_knn, export_path=exported,
+                                     knn_data=(k.train, k.val) if k.train and k.val else None))
     barrier()
     return 0
 
@@ -153,6 +164,7 @@ class _Trainer:
     step: StepComponents
     stream: Any
     checkpointer: Checkpointer
+    precision: str
 
 
 def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> _Trainer:
@@ -190,7 +202,7 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
         guard=StepGuard(finite, spike, preempt, rank=dist.rank, world_size=dist.world_size), collapse=collapse,
         clip_grad_norm=cfg.optim.clip_grad_norm, autocast=functools.partial(autocast, precision, dist.device),
         scaler=scaler)
-    return _Trainer(step=step, stream=stream, checkpointer=checkpointer)
+    return _Trainer(step=step, stream=stream, checkpointer=checkpointer, precision=precision)
 
 
 def _log_step(logger: MetricsLogger, progress: Progress, epoch: int, v: Verdict, timer: StepTimer) -> None:
