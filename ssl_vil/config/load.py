@@ -14,7 +14,7 @@ from typing import Any
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import ConfigError, invalid
-from ssl_vil.config.schema import DerivedConfig, RunConfig
+from ssl_vil.config.schema import DataConfig, DerivedConfig, RunConfig
 from ssl_vil.schedules import scale_lr
 
 # Keys that may differ when an existing run dir is resumed: where the data lives, how long the run is (to extend
@@ -23,6 +23,7 @@ from ssl_vil.schedules import scale_lr
 RESUME_MUTABLE_KEYS = (
     "data.train",
     "data.num_workers",
+    "data.shard_sizes",
     "schedule.total_steps",
     "schedule.total_samples",
     "schedule.total_epochs",
@@ -52,13 +53,13 @@ MOVED_KEYS = {
 }
 
 
-def _manifest_samples(train: str) -> int | None:
-    """Sample count from the shard writer's manifest, when data.train is a local shard directory with one split."""
-    if not train or not Path(train).is_dir():
+def _manifest_samples(d: DataConfig) -> int | None:
+    """Sample count of data.train (its shards' sidecars, or an image folder's files), when it is set."""
+    if not d.train:
         return None
-    from ssl_vil.data.manifest import read_manifest
+    from ssl_vil.train.data import train_data
 
-    return read_manifest(train).num_samples
+    return train_data(d).num_samples
 
 
 def resolve(cfg: RunConfig, *, world_size: int) -> RunConfig:
@@ -73,7 +74,7 @@ def resolve(cfg: RunConfig, *, world_size: int) -> RunConfig:
                       f"{opt.grad_accum_steps}")
     samples_per_epoch = d.samples_per_epoch
     if samples_per_epoch is None and cfg.schedule.uses_epochs:  # only an epoch-sized schedule needs the data's size
-        samples_per_epoch = _manifest_samples(d.train)
+        samples_per_epoch = _manifest_samples(d)
         if samples_per_epoch is not None and samples_per_epoch <= 0:
             raise invalid("data.samples_per_epoch", samples_per_epoch, "a positive integer (from the manifest)")
     try:

@@ -69,9 +69,15 @@ class ModelConfig(Config):
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig(Config):
-    """Sharded WebDataset input."""
+    """Pretraining input: WebDataset shards (local or remote) or an image folder."""
 
-    train: str = ""  # shard directory, brace URL or file list
+    # shard directory, glob, brace list or file list, a remote shard directory or brace list (http(s)://...),
+    # or an image folder (class sub-directories, or a flat folder of images)
+    train: str = ""
+    split: str | None = None  # manifest split of a shard directory; None: "train" if it has one, else its only one
+    # sizes.json / _info.json / manifest (path or URL) with the record counts of shards that have no sidecar
+    # beside them (pipe: URLs)
+    shard_sizes: str | None = None
     mode: Literal["epoch", "resampled"] = "epoch"
     samples_per_epoch: int | None = None  # None: read from the shard manifest
     num_workers: int = 8
@@ -92,6 +98,8 @@ class DataConfig(Config):
             raise invalid("error_budget_fraction", self.error_budget_fraction, "a fraction in [0, 1]")
         if self.max_image_pixels <= 0:
             raise invalid("max_image_pixels", self.max_image_pixels, "a positive integer")
+        if self.split is not None and (not self.split or "/" in self.split):
+            raise invalid("split", self.split, "a split name (manifest-<split>.json) or null")
         if self.train.startswith("pipe:") and not self.allow_pipe:
             raise invalid("train", self.train, "a path or URL; pipe: URLs run shell commands and need "
                           "data.allow_pipe=true")

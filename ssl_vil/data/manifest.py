@@ -108,20 +108,49 @@ def read_manifest(root: str | os.PathLike[str], split: str | None = None) -> Man
         raise DataConfigError(f"{path}: no manifest for split {split!r} (splits here: {splits})") from exc
     except json.JSONDecodeError as exc:
         raise DataConfigError(f"{path}: manifest is not valid JSON ({exc})") from exc
-    if data.get("format") != MANIFEST_FORMAT:
-        raise DataConfigError(f"{path}: format {data.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-    shards = [
-        ShardInfo(s["file"], int(s["num_samples"]), s.get("sha256"), s.get("bytes")) for s in data["shards"]
-    ]
+    shards, classes = parse_manifest(data, source=str(path))
     known = {"format", "name", "split", "num_samples", "classes", "shards"}
     return Manifest(
         root=directory,
         name=data["name"],
         split=data["split"],
         shards=shards,
-        classes=list(data.get("classes", [])),
+        classes=classes,
         extra={k: v for k, v in data.items() if k not in known},
     )
+
+
+def parse_manifest(data: Any, *, source: str) -> tuple[list[ShardInfo], list[str]]:
+    """(shards, class names) of a manifest's parsed JSON; ``source`` (path or URL) names it in errors."""
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise DataConfigError(f"{source}: format {found!r}, expected {MANIFEST_FORMAT!r}")
+    try:
+        shards = [
+            ShardInfo(s["file"], int(s["num_samples"]), s.get("sha256"), s.get("bytes")) for s in data["shards"]
+        ]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataConfigError(f"{source}: manifest 'shards' is not a list of {{file, num_samples}} ({exc!r})") from exc
+    return shards, [str(c) for c in data.get("classes", [])]
+
+
+def sidecar_json_counts(data: Any, *, source: str) -> dict[str, int]:
+    """Shard basename -> record count from the parsed JSON of any one sidecar: a manifest, ``_info.json`` or
+    ``sizes.json``; ``source`` names it in errors."""
+    try:
+        if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT:
+            return {s.file: s.num_samples for s in parse_manifest(data, source=source)[0]}
+        if isinstance(data, dict) and isinstance(data.get("splits"), dict):
+            counts: dict[str, int] = {}
+            for split in data["splits"].values():
+                counts.update(zip(split.get("filenames", []), (int(n) for n in split.get("shard_lengths", []))))
+            return counts
+        if isinstance(data, dict):
+            return {str(k): int(v) for k, v in data.items()}
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DataConfigError(f"{source}: not a shard sidecar ({exc!r})") from exc
+    raise DataConfigError(f"{source}: not a shard sidecar: expected a manifest, _info.json or sizes.json "
+                          f"({{shard file: record count}}), got a JSON {type(data).__name__}")
 
 
 def _dump(obj: Any) -> bytes:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
 
@@ -39,6 +39,9 @@ from ssl_vil.data.errors import DataError, DataIssue
 from ssl_vil.data.layout import EpochLayout, Piece, ResampledSlot
 from ssl_vil.data.seeding import make_generator, permutation, stable_seed
 from ssl_vil.data.tar_records import PieceReader
+
+if TYPE_CHECKING:
+    from ssl_vil.data.folder_records import FolderListing
 
 # A resampled slot gives up looking for a good sample to pad with after this many consecutive shard draws.
 MAX_RESAMPLED_FILL_DRAWS = 64
@@ -58,6 +61,7 @@ class StreamSpec:
     global_batch: int
     transform: Transform
     max_pixels: int
+    folder: FolderListing | None = None  # set when the "shards" are the chunks of an image folder
 
 
 @dataclass(slots=True)
@@ -184,14 +188,18 @@ class SlotStream:
 
     def _read(self, plans: Iterator[WindowPlan]) -> Iterator[tuple[WindowPlan, list[Entry]]]:
         """Raw records of each window, keeping the current shard open across windows."""
-        with closing(PieceReader(self.spec.urls, self.spec.counts)) as reader:
+        folder = self.spec.folder
+        open_shard = folder.open_chunk if folder is not None else None
+        with closing(PieceReader(self.spec.urls, self.spec.counts, open_shard)) as reader:
             for plan in plans:
                 entries: list[Entry] = []
                 for piece in plan.pieces:
                     url = self.spec.urls[piece.shard]
                     for rec in reader.read(piece.shard, piece.start, piece.stop):
                         seed = stable_seed(self.spec.seed, *plan.sample_seed_parts, rec.key)
-                        entries.append(Entry(-1, url, rec.index, rec.key, rec.members, rec.error, rec.events, seed))
+                        # A folder record's issues and losses name its file rather than the virtual chunk.
+                        entries.append(Entry(-1, rec.source or url, rec.index, rec.key, rec.members, rec.error,
+                                             rec.events, seed))
                 yield plan, entries
 
     def _permute(self, windows: Iterator[tuple[WindowPlan, list[Entry]]]) -> Iterator[Window]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import webdataset as wds
 
@@ -132,6 +132,20 @@ class RawRecord:
     members: dict[str, bytes] | None
     error: DataIssue | None = None
     events: tuple[DataIssue, ...] = field(default=())
+    source: str | None = None  # where the bytes are when not in the shard itself (a folder record's file)
+
+
+class RecordReader(Protocol):
+    """What :class:`PieceReader` reads a shard with: :class:`ShardRecordReader` or a folder chunk's reader."""
+
+    url: str
+
+    @property
+    def position(self) -> int: ...
+
+    def read(self, start: int, stop: int) -> list[RawRecord]: ...
+
+    def close(self) -> None: ...
 
 
 class ShardRecordReader:
@@ -382,13 +396,16 @@ class PieceReader:
     """Reads pieces ``(shard, start, stop)`` of a shard list in order, keeping the current shard open across
     consecutive pieces; a piece of another shard, or one before the open reader's position, opens a new reader.
 
-    ``urls`` / ``counts``: the shard list and its manifest record counts (None where unknown). Use it under
+    ``urls`` / ``counts``: the shard list and its manifest record counts (None where unknown); ``open_shard``
+    opens shard ``i`` when the shards are not tar files (an image folder's chunks). Use it under
     ``contextlib.closing`` so the open shard is closed however the reading ends.
     """
 
-    def __init__(self, urls: Sequence[str], counts: Sequence[int | None]) -> None:
+    def __init__(self, urls: Sequence[str], counts: Sequence[int | None],
+                 open_shard: Callable[[int], RecordReader] | None = None) -> None:
         self.urls, self.counts = urls, counts
-        self._reader: ShardRecordReader | None = None
+        self._open_shard = open_shard
+        self._reader: RecordReader | None = None
 
     def read(self, shard: int, start: int, stop: int) -> list[RawRecord]:
         """Records ``start .. stop - 1`` of shard ``shard`` (see :meth:`ShardRecordReader.read`)."""
@@ -396,7 +413,8 @@ class PieceReader:
         reader = self._reader
         if reader is None or reader.url != url or reader.position > start:
             self.close()
-            reader = self._reader = ShardRecordReader(url, self.counts[shard])
+            reader = self._reader = (self._open_shard(shard) if self._open_shard is not None
+                                     else ShardRecordReader(url, self.counts[shard]))
         return reader.read(start, stop)
 
     def close(self) -> None:

@@ -13,6 +13,11 @@ slots; the sample order of an epoch is a pure function of ``(seed, epoch, shard 
   shards drawn with replacement), so each shard is read once per epoch in total and local shards are seeked, not
   streamed, to a region's first record.
 
+Sources (:func:`resolve_train_data`): local shards are seeked; remote ones (``http(s)://...``, read with
+webdataset's ``gopen``) are streamed, a slot that starts inside a shard reading through the records before its
+region, with the same records, keys and order as the local copy; an image folder is read as virtual shards of its
+sorted files (:mod:`ssl_vil.data.folder_records`). All of them share the layout, seeding and cursor above.
+
 Inside a rank, DataLoader worker ``w`` of ``W`` runs the rank's slots ``j`` with ``j % W == w`` (each slot a
 webdataset ``DataPipeline``: raw tar records -> seeded window shuffle -> decode -> transform) and yields one
 partial batch per step; the rank's main process joins the ``W`` parts of a step and applies the collate with a
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
@@ -44,6 +50,7 @@ from ssl_vil.data.cursor import EpochCursor, ResumableStream
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
 from ssl_vil.data.errors import DataConfigError, DataErrorBudgetExceeded, DataIssue
+from ssl_vil.data.folder_records import folder_shard_set, is_image_folder
 from ssl_vil.data.layout import EpochLayout
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.data.shardlist import ShardSet, ShardSpec, resolve_shard_set
@@ -178,7 +185,8 @@ class TrainStream(ResumableStream):
         if shuffle_window_samples < 1:
             raise DataConfigError(f"shuffle_window_samples must be >= 1, got {shuffle_window_samples}")
         readers = world_size * max(1, num_workers)
-        if len(shards.urls) < readers:
+        # A folder's chunks are files read one by one, so any number of readers can share one; tar shards are not.
+        if shards.folder is None and len(shards.urls) < readers:
             raise DataConfigError(
                 f"fewer shards than workers: {len(shards.urls)} shard(s) for {world_size} rank(s) x "
                 f"{max(1, num_workers)} worker(s) = {readers} reader slots; write more, smaller shards "
@@ -210,6 +218,7 @@ class TrainStream(ResumableStream):
         self._spec = StreamSpec(
             urls=shards.urls, counts=shards.counts, seed=seed, mode=mode, window=shuffle_window_samples,
             global_batch=self.global_batch_size, transform=transform, max_pixels=max_image_pixels,
+            folder=shards.folder,
         )
         if mode == "epoch":
             probe = self._layout(0)  # validates sizes; slot lengths are the same every epoch
@@ -339,12 +348,35 @@ def build_train_stream(
 ) -> TrainStream:
     """The training stream of rank ``rank`` over the shards of ``urls_or_dir`` (see :class:`TrainStream`).
 
-    ``split`` / ``allow_pipe`` / ``shard_sizes`` resolve the shards (:func:`ssl_vil.data.shardlist.resolve_shard_set`);
+    ``split`` / ``allow_pipe`` / ``shard_sizes`` resolve the shards (:func:`resolve_train_data`);
     ``options`` are :class:`TrainStream`'s keyword arguments: ``batch_size`` is per rank; ``transform(image,
     generator)`` maps an RGB PIL image to the sample's views; ``samples_per_epoch`` (None: all records) sizes an
     epoch; ``error_budget_fraction`` (None: off) bounds the fraction of an epoch's planned samples that bad data may
     cost; ``shuffle_window_samples`` is the raw-record shuffle window per slot (memory per rank ~ ``batch_size x
     window x`` mean encoded sample size).
     """
-    shards = resolve_shard_set(urls_or_dir, split=split, allow_pipe=allow_pipe, shard_sizes=shard_sizes)
+    shards = resolve_train_data(urls_or_dir, split=split, allow_pipe=allow_pipe, shard_sizes=shard_sizes)
     return TrainStream(shards, **options)
+
+
+def resolve_train_data(
+    urls_or_dir: ShardSpec,
+    *,
+    split: str | None = None,
+    allow_pipe: bool = False,
+    shard_sizes: Mapping[str, int] | None = None,
+) -> ShardSet:
+    """The shards of ``urls_or_dir`` (:func:`ssl_vil.data.shardlist.resolve_shard_set`; of several splits,
+    ``train`` unless ``split`` names one), or the virtual shards of a local image folder
+    (:mod:`ssl_vil.data.folder_records`)."""
+    if isinstance(urls_or_dir, (str, os.PathLike)) and is_image_folder(urls_or_dir):
+        if split is not None:
+            raise DataConfigError(
+                f"got {split!r}, but {os.fspath(urls_or_dir)} is an image folder, which has no splits; expected "
+                "no split (point the data at the split's folder instead)", key="split")
+        shards = folder_shard_set(urls_or_dir)
+        logger.info("image folder %s: %d files, %d classes, read as %d chunks", os.fspath(urls_or_dir),
+                    shards.num_samples, len(shards.classes), len(shards.urls))
+        return shards
+    return resolve_shard_set(urls_or_dir, split=split, allow_pipe=allow_pipe, shard_sizes=shard_sizes,
+                             prefer_split="train")

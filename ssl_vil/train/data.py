@@ -9,7 +9,10 @@ import torch
 
 from ssl_vil.augment.presets import multicrop_from_config
 from ssl_vil.config import RunConfig
-from ssl_vil.data.train_stream import TrainStream, build_train_stream
+from ssl_vil.config.schema import DataConfig
+from ssl_vil.data.errors import DataConfigError
+from ssl_vil.data.shardlist import ShardSet, load_shard_sizes
+from ssl_vil.data.train_stream import TrainStream, resolve_train_data
 from ssl_vil.infra.dist import DistInfo
 from ssl_vil.masking import MultiCropMaskCollate
 
@@ -20,12 +23,25 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
     transform = multicrop_from_config(a)
     grid = a.global_size // cfg.model.patch_size
     collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
-    return build_train_stream(
-        d.train, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
-        world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,
-        samples_per_epoch=d.samples_per_epoch, error_budget_fraction=d.error_budget_fraction,
-        max_image_pixels=d.max_image_pixels, allow_pipe=d.allow_pipe, shuffle_window_samples=d.shuffle_window_samples,
-        budget_error="attach")  # the step guard stops every rank at the same step
+    shards = train_data(d)
+    try:
+        return TrainStream(
+            shards, mode=d.mode, batch_size=cfg.derived.micro_batch_size, seed=cfg.train.seed, rank=dist.rank,
+            world_size=dist.world_size, num_workers=d.num_workers, transform=transform, collate=collate,
+            samples_per_epoch=d.samples_per_epoch, error_budget_fraction=d.error_budget_fraction,
+            max_image_pixels=d.max_image_pixels, shuffle_window_samples=d.shuffle_window_samples,
+            budget_error="attach")  # the step guard stops every rank at the same step
+    except DataConfigError as err:
+        raise (err.within("data") if err.key else err) from None
+
+
+def train_data(d: DataConfig) -> ShardSet:
+    """The shards (or image-folder chunks) ``data.*`` names; errors name the ``data.`` key at fault."""
+    try:
+        sizes = load_shard_sizes(d.shard_sizes) if d.shard_sizes else None
+        return resolve_train_data(d.train, split=d.split, allow_pipe=d.allow_pipe, shard_sizes=sizes)
+    except DataConfigError as err:
+        raise (err.within("data") if err.key else err) from None
 
 
 def batches_forever(stream: TrainStream) -> Iterator[dict[str, Any]]:
