@@ -158,6 +158,8 @@ FAILED_STARTS = {
     "file_as_data_dir": ({"data.train": "{root}/notes.txt"}, "cannot count the records of"),
     "too_many_workers": ({"data.num_workers": 8}, "fewer shards than workers"),
     "cuda_without_cuda": ({"train.device": "cuda"}, "train.device: got 'cuda', but CUDA is not available"),
+    "knn_monitor_data_missing": ({"knn_monitor.every_steps": 2, "knn_monitor.train": "{root}/shards",
+                                  "knn_monitor.val": "/nonexistent/val"}, "/nonexistent/val"),
 }
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ssl_vil.config import RunConfig
 from ssl_vil.eval import features as feats
-from ssl_vil.eval.inputs import EvalSource, eval_transform, open_eval_source
+from ssl_vil.eval.inputs import EvalSource, default_split, eval_transform, open_eval_source
 from ssl_vil.eval.knn_search import knn_classify
 from ssl_vil.infra.dist import DistInfo
 from ssl_vil.infra.timing import is_due
@@ -32,13 +32,15 @@ class KnnMonitor:
         if ev.every_steps:
             # Opened now: a val class the train split lacks stops the run before its first step, not at the
             # first k-NN.
-            train = self._open(ev.train)
-            self.sources = {"train": train, "val": self._open(ev.val, classes=train.classes,
+            train = self._open(ev.train, "train")
+            self.sources = {"train": train, "val": self._open(ev.val, "val", classes=train.classes,
                                                               classes_source=f"knn_monitor.train ({ev.train})")}
 
-    def _open(self, source: str, **align: Any) -> EvalSource:
+    def _open(self, source: str, role: str, **align: Any) -> EvalSource:
+        # One directory holding both splits (make_shards --split train|val) works as with eval/knn.py.
         return open_eval_source(source, transform=self.transform, batch_size=self.cfg.knn_monitor.batch_size,
-                                rank=self.dist.rank, world_size=self.dist.world_size, **align)
+                                rank=self.dist.rank, world_size=self.dist.world_size,
+                                split=default_split(source, role), **align)
 
     def due(self, step: int) -> bool:
         """Every ``knn_monitor.every_steps`` steps and at the last step; never when that is 0."""

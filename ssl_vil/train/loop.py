@@ -115,7 +115,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
     elif t.checkpointer.fallbacks:
         logger.log_event("checkpoint_fallback", fallbacks=t.checkpointer.fallbacks)
     watchdog = HangWatchdog(cfg.guards.watchdog_timeout_s, run_dir, dist.rank)
-    timer, knn = StepTimer(), KnnMonitor(cfg, dist)
+    timer, knn = StepTimer(), t.knn
     started_at, first_step, last_loss, last_knn = time.monotonic(), progress.step, None, None
     batches = batches_forever(t.stream)
     t.step.objective.train()
@@ -165,6 +165,7 @@ class _Trainer:
     stream: Any
     checkpointer: Checkpointer
     precision: str
+    knn: KnnMonitor
 
 
 def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> _Trainer:
@@ -202,7 +203,9 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
         guard=StepGuard(finite, spike, preempt, rank=dist.rank, world_size=dist.world_size), collapse=collapse,
         clip_grad_norm=cfg.optim.clip_grad_norm, autocast=functools.partial(autocast, precision, dist.device),
         scaler=scaler)
-    return _Trainer(step=step, stream=stream, checkpointer=checkpointer, precision=precision)
+    # Opened here, before anything is written: a k-NN source that cannot be read refuses the start.
+    knn = KnnMonitor(cfg, dist)
+    return _Trainer(step=step, stream=stream, checkpointer=checkpointer, precision=precision, knn=knn)
 
 
 def _log_step(logger: MetricsLogger, progress: Progress, epoch: int, v: Verdict, timer: StepTimer) -> None:
