@@ -84,7 +84,8 @@ class ErrorTally:
             f"rank {self.rank}: {lost} of the {self.planned_per_epoch} samples planned this epoch were lost to bad "
             f"data, above the error budget of {self.budget_fraction:.2%} ({allowed:.1f} samples). Worst shards: "
             + "; ".join(worst)
-            + f". Issue totals: { {k: v for k, v in self.totals.items() if v} }"
+            + f". Issue totals: { {k: v for k, v in self.totals.items() if v} }. Remove or repair those samples, or "
+            f"raise the budget (data.error_budget_fraction in pretraining) if such losses are acceptable"
         )
 
 
