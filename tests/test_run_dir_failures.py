@@ -22,6 +22,7 @@ import torch
 from ssl_vil.checkpoint import CheckpointManager, latest_checkpoint
 from ssl_vil.checkpoint.manifest import _self_hash, encode_manifest
 from ssl_vil.checkpoint.payload import serialize
+from ssl_vil.config.load import describe_resume_mutable_keys
 from trainer_harness import RECIPE, ROOT, assert_tree_equal, final_payload, records, tiny_overrides, write_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -144,7 +145,7 @@ def test_lost_config_yaml_the_checkpoint_record_decides(base, tmp_path, change, 
     proc = train(run, overrides_for(root / "shards", **change))
     assert_refused(proc, "config error:", f"{run}: existing run has an incompatible config",
                           f"recorded in checkpoints/{STEP_DIRS[1]}/manifest.json", f"these keys differ: {expected}",
-                          "keys allowed to change on resume: data.{train,num_workers}, schedule.{total_steps,")
+                          f"keys allowed to change on resume: {describe_resume_mutable_keys()}.")
     assert "size mismatch" not in proc.stderr and snapshot(run) == before
     # A change in a key allowed on resume (extend the run) goes through, and config.yaml is written again.
     proc = train(run, overrides_for(root / "shards", **{"schedule.total_steps": STEPS + 2}))
