@@ -18,18 +18,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "demo_digits.yaml")
 
-# (label, argv after the interpreter)
+# (label, argv after the interpreter): every command's --help and --version.
+_ENTRIES: list[tuple[str, list[str]]] = [
+    ("train", ["-m", "ssl_vil.train"]),
+    ("eval.knn", ["-m", "ssl_vil.eval.knn"]),
+    ("eval.linear", ["-m", "ssl_vil.eval.linear"]),
+    ("eval.finetune", ["-m", "ssl_vil.eval.finetune"]),
+    ("export", ["-m", "ssl_vil.export"]),
+    ("report", ["-m", "ssl_vil.report"]),
+    ("data.make_shards", ["-m", "ssl_vil.data.make_shards"]),
+    ("demo", ["-m", "ssl_vil.demo"]),
+    ("cluster/submit.py", [str(ROOT / "cluster" / "submit.py")]),
+]
 COMMANDS: list[tuple[str, list[str]]] = [
-    ("train --help", ["-m", "ssl_vil.train", "--help"]),
-    ("train --version", ["-m", "ssl_vil.train", "--version"]),
-    ("eval.knn --help", ["-m", "ssl_vil.eval.knn", "--help"]),
-    ("eval.linear --help", ["-m", "ssl_vil.eval.linear", "--help"]),
-    ("eval.finetune --help", ["-m", "ssl_vil.eval.finetune", "--help"]),
-    ("export --help", ["-m", "ssl_vil.export", "--help"]),
-    ("report --help", ["-m", "ssl_vil.report", "--help"]),
-    ("data.make_shards --help", ["-m", "ssl_vil.data.make_shards", "--help"]),
-    ("demo --help", ["-m", "ssl_vil.demo", "--help"]),
-    ("cluster/submit.py --help", [str(ROOT / "cluster" / "submit.py"), "--help"]),
+    (f"{label} {flag}", [*argv, flag]) for label, argv in _ENTRIES for flag in ("--help", "--version")
 ]
 TYPO = ("train: config typo", ["-m", "ssl_vil.train", "--config", RECIPE, "--output-dir", "/nonexistent/run",
                               "optim.lrr=0.1"])
@@ -41,7 +43,9 @@ PROBE = "import atexit, sys; atexit.register(lambda: print('\\nIMPORTED', [m for
 def time_command(argv: list[str], repeats: int) -> tuple[float, int, str]:
     best, code, imported = float("inf"), 0, "?"
     for _ in range(repeats):
-        cmd = [sys.executable, "-c", f"{PROBE}\nimport runpy, sys\nsys.argv = {argv!r}\n"
+        # sys.argv as the command would see it: the module (or script) name, then its arguments.
+        script_argv = argv[1:] if argv[0] == "-m" else argv
+        cmd = [sys.executable, "-c", f"{PROBE}\nimport runpy, sys\nsys.argv = {script_argv!r}\n"
                + (f"runpy.run_module({argv[1]!r}, run_name='__main__', alter_sys=True)" if argv[0] == "-m"
                   else f"sys.path.insert(0, {str(Path(argv[0]).parent)!r}); runpy.run_path({argv[0]!r}, run_name='__main__')")]
         t0 = time.perf_counter()

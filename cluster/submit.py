@@ -44,6 +44,7 @@ from cluster.resources import (  # noqa: E402
     make_executor,
     render_sbatch,
 )
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version  # noqa: E402
 
 EXIT_USAGE = 2
 CLIENT_CONFIG_VARS = ("SLURM_CONF", "SLURM_CLUSTERS")
@@ -54,8 +55,8 @@ class LaunchError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cluster/submit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="cluster/submit.py", description=__doc__, formatter_class=HelpFormatter)
+    add_version(p)
     p.add_argument("--entry", choices=ENTRIES, default=ENTRY_TRAIN,
                    help="train: ssl_vil.train.cli.main; knn|linear|finetune: eval/<name>.py main(argv) with the "
                         "arguments after `--`")
@@ -223,6 +224,9 @@ def prepare(argv: list[str]) -> LaunchPlan:
     launcher_argv, entry_tail = split_entry_args(argv)
     args = build_parser().parse_intermixed_args(launcher_argv)
     run_dir = Path(args.output_dir).absolute()
+    for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:  # before the config, whose check would name the product (WORLD_SIZE) instead
+            raise LaunchError(f"{option}: got {value}, expected a positive integer")
     world_size = args.nodes * args.gpus_per_node
     cfg_yaml = None
     if args.entry == ENTRY_TRAIN:

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def _register_models() -> None:
-    import ssl_vil.backbones  # noqa: F401  (the timm ``@register_model`` entrypoints)
+    import ssl_vil.backbones.timm_models  # noqa: F401  (the timm ``@register_model`` entrypoints)
 
 
 if "timm" in sys.modules:

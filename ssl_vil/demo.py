@@ -13,8 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 
+PROG = "python -m ssl_vil.demo"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_digits.yaml"
 
 
@@ -49,13 +50,21 @@ def random_init_knn20(arch: Path, train: Path, val: Path, out: Path, seed: int =
     return knn20(f"random:{arch}", train, val, out, "--init-seed", str(seed))
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add_version(ap)
+    ap.add_argument("--output-dir", type=Path, default=Path("runs/demo"), help="shards, run dir and k-NN results")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of recipes/demo_digits.yaml")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out: Path = args.output_dir
+    # The overrides are checked before anything is written (the shards take a while); data.train is set below.
+    from ssl_vil.config import load_config
+
+    load_config(RECIPE, [f"data.train={out / 'shards' / 'train'}", *args.overrides], world_size=1)
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     train_shards, val_shards = _make_shards(out / "shards")
 

@@ -16,13 +16,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ssl_vil.config import RunConfig, load_config
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 from ssl_vil.infra.files import write_bytes_atomic, write_json_atomic
+
+if TYPE_CHECKING:  # torch / timm load when weights are read or written, not for --help
+    import torch
+    from torch import nn
+
+    from ssl_vil.config import RunConfig
 
 EXPORT_WEIGHTS = "teacher_backbone.safetensors"
 EXPORT_INFO = "model.json"
@@ -50,6 +53,8 @@ def architecture_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
     kw = backbone_kwargs(cfg)
     if "dim" not in kw or "depth" not in kw:
+        import torch
+
         with torch.device("meta"):
             net = timm.create_model(cfg.model.name, pretrained=False, num_classes=0, **kw)
         kw.setdefault("dim", int(net.dim))
@@ -115,6 +120,7 @@ def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     from safetensors.torch import save
 
     from ssl_vil.backbones.weights import export_metadata
+    from ssl_vil.config import load_config
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", world_size=1)
@@ -161,7 +167,8 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
       timm architecture and ``kwargs`` its overrides.
     """
     from ssl_vil.backbones import load_backbone_weights
-    from ssl_vil.backbones.weights import read_export_metadata
+    from ssl_vil.backbones.weights import WeightLoadError, read_export_metadata
+    from ssl_vil.config import load_config
 
     path = Path(weights)
     if path.is_dir() and (path / "config.yaml").exists():
@@ -183,7 +190,7 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
         info["source"] = str(path)
     elif path.is_file():
         if model is None:
-            raise ValueError(f"{path}: no model.json beside it; pass the timm model name (e.g. "
+            raise WeightLoadError(f"{path}: no model.json beside it; pass the timm model name (e.g. "
                              f"--model vil2_small_patch16_224) to load this weights file")
         info = {"model": model, "kwargs": dict(kwargs), "pooling": "bilateral_concat", "source": str(path)}
         sd = None
@@ -198,11 +205,20 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
     return net.eval(), info
 
 
+PROG = "python -m ssl_vil.export"
+
+
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Export the teacher backbone of a pretraining run")
-    ap.add_argument("run_dir", type=Path)
+    ap = argparse.ArgumentParser(prog=PROG, description="Export the teacher backbone of a pretraining run",
+                                 formatter_class=HelpFormatter)
+    add_version(ap)
+    ap.add_argument("run_dir", type=Path, help="run directory written by python -m ssl_vil.train")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
     args = ap.parse_args(argv)
+    if not (args.run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{args.run_dir}: not a pretraining run directory (expected {args.run_dir}/config.yaml "
+                                "written by python -m ssl_vil.train)")
     path = export_run(args.run_dir, args.step)
     print(f"exported {path}")
     return 0

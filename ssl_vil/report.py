@@ -27,14 +27,15 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 from ssl_vil.infra.files import atomic_output
+
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn, not for --help
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
 METRICS_FILE = "metrics.jsonl"
 PLOTS_DIR = "plots"
@@ -217,6 +218,8 @@ def _line(ax: Axes, x: list[int], y: list[float], i: int, label: str) -> None:
 def _panel_figure(title: str, n: int, max_cols: int = 3) -> tuple[Figure, list[Axes]]:
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.5 * cols, 3.2 * rows + 0.6), layout="constrained")
     fig.suptitle(title)
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
@@ -227,6 +230,8 @@ def _panel_figure(title: str, n: int, max_cols: int = 3) -> tuple[Figure, list[A
 
 def _finish(fig: Figure, runs: Sequence[Run], extra: Sequence[Line2D] = ()) -> Figure:
     """One legend for the whole figure: a line per run (its colour), then the reference lines."""
+    from matplotlib.lines import Line2D
+
     handles = [Line2D([], [], color=_colour(i), lw=1.5, label=run.label) for i, run in enumerate(runs)]
     handles += list(extra)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize="small")
@@ -267,6 +272,8 @@ def _entropy_figure(runs: Sequence[Run]) -> Figure | None:
     per_run = [_run_series(run, panel) for run in runs]
     if not any(x for x, _ in per_run):
         return None
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.5, 4.4), layout="constrained")
     ax = fig.add_subplot()
     for i, (x, y) in enumerate(per_run):
@@ -387,6 +394,8 @@ def build_figures(runs: Sequence[Run]) -> dict[str, Figure]:
 
 def _save(fig: Figure, path: Path) -> Path:
     """Render with Agg and write atomically, so a crash never leaves a truncated PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     with atomic_output(path) as handle:
         fig.savefig(handle, format="png", dpi=100)
@@ -460,8 +469,11 @@ def make_report(run_dirs: str | Path | Sequence[str | Path], *, labels: Sequence
     return write_figures(runs, Path(out_dir) if out_dir is not None else default_output_dir(run_dirs))
 
 
+@user_errors("python -m ssl_vil.report")
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ssl_vil.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ssl_vil.report", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    add_version(parser)
     parser.add_argument("runs", type=Path, nargs="+", metavar="RUN", help="run directories holding metrics.jsonl")
     parser.add_argument("--label", action="append", default=None,
                         help="legend label of a run, once per RUN in the same order (default: directory names)")

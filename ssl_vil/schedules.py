@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from timm.models import group_parameters
 from torch import nn
 
 from ssl_vil.config.engine import Config
@@ -201,6 +200,8 @@ def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, flo
         raise ValueError(
             f"layer-wise lr decay needs a backbone with group_matcher(); {type(backbone).__name__} has none"
         )
+    from timm.models import group_parameters  # timm loads when a model is built, not for a config check
+
     layer_of = group_parameters(backbone, backbone.group_matcher(coarse=True), reverse=True)
     trainable = [layer_of[n] for n, p in backbone.named_parameters() if p.requires_grad]
     n_groups = max(trainable if trainable else layer_of.values()) + 1

@@ -24,11 +24,10 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from ssl_vil.augment import sampling
+from ssl_vil.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 
 # DINO's colour-jitter magnitudes (brightness, contrast, saturation, hue) at strength 1.
 DINO_JITTER = (0.4, 0.4, 0.2, 0.1)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Resolution at which the blur sigma range (0.1, 2.0) px of DINO was defined.
 REFERENCE_SIZE = 224
 

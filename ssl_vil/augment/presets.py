@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, get_args
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ssl_vil.augment.digits import DigitsMultiCrop, DigitsMultiCropConfig
-from ssl_vil.augment.multicrop import IMAGENET_MEAN, IMAGENET_STD, MultiCropConfig, MultiCropTransform
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
+
+if TYPE_CHECKING:  # the transforms (torchvision) load when one is built, not when a config is checked
+    from ssl_vil.augment.digits import DigitsMultiCrop
+    from ssl_vil.augment.multicrop import MultiCropTransform
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Preset = Literal["dino", "ibot", "dinov2", "digits"]
 
@@ -164,7 +169,11 @@ def build_multicrop(
     if global_size is not None and local_size is None:
         kwargs["local_size"] = scaled_local_size(preset, global_size)
     if preset == "digits":
+        from ssl_vil.augment.digits import DigitsMultiCrop, DigitsMultiCropConfig
+
         return DigitsMultiCrop(_make(DigitsMultiCropConfig, kwargs, preset))
+    from ssl_vil.augment.multicrop import MultiCropConfig, MultiCropTransform
+
     return MultiCropTransform(_make(MultiCropConfig, kwargs, preset))
 
 

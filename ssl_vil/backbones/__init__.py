@@ -1,22 +1,46 @@
 """Vision-LSTM backbones (v1 and v2), mLSTM backends, pooling, weight loading and timm registration.
 
-Importing this package registers the timm models ``vil2_{tiny,small,base}_patch16_224`` and
-``vil_{tiny,tinyplus,small,smallplus,base}_patch16_224``.
+Importing this package (like any part of ``ssl_vil``) registers the timm models
+``vil2_{tiny,small,base}_patch16_224`` and ``vil_{tiny,tinyplus,small,smallplus,base}_patch16_224`` once timm is
+imported (see :mod:`ssl_vil`); its names load on first use.
 """
 
-from ssl_vil.backbones import timm_models  # noqa: F401  (registers the timm models)
-from ssl_vil.backbones.mlstm_cell import MLSTM_BACKENDS, mlstm
-from ssl_vil.backbones.mlstm_chunkwise import mlstm_chunkwise
-from ssl_vil.backbones.mlstm_parallel import mlstm_parallel
-from ssl_vil.backbones.pooling import POOLING_KINDS, canonical_pooling, pool_tokens, pooled_dim
-from ssl_vil.backbones.vision_lstm import VisionLSTM, VisionLSTM2
-from ssl_vil.backbones.weights import (
-    LoadReport,
-    WeightLoadError,
-    checkpoint_filter_fn,
-    convert_state_dict,
-    load_backbone_weights,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ssl_vil.backbones.mlstm_cell import MLSTM_BACKENDS, mlstm
+    from ssl_vil.backbones.mlstm_chunkwise import mlstm_chunkwise
+    from ssl_vil.backbones.mlstm_parallel import mlstm_parallel
+    from ssl_vil.backbones.pooling import POOLING_KINDS, canonical_pooling, pool_tokens, pooled_dim
+    from ssl_vil.backbones.vision_lstm import VisionLSTM, VisionLSTM2
+    from ssl_vil.backbones.weights import (
+        LoadReport,
+        WeightLoadError,
+        checkpoint_filter_fn,
+        convert_state_dict,
+        load_backbone_weights,
+    )
+
+# Loaded on first use (``ssl_vil.backbones.pooling`` alone does not pay for timm); the timm models are registered
+# by ``import ssl_vil`` (now if timm is imported, else right after timm's import).
+_LAZY = {
+    "LoadReport": "ssl_vil.backbones.weights",
+    "MLSTM_BACKENDS": "ssl_vil.backbones.mlstm_cell",
+    "POOLING_KINDS": "ssl_vil.backbones.pooling",
+    "VisionLSTM": "ssl_vil.backbones.vision_lstm",
+    "VisionLSTM2": "ssl_vil.backbones.vision_lstm",
+    "WeightLoadError": "ssl_vil.backbones.weights",
+    "canonical_pooling": "ssl_vil.backbones.pooling",
+    "checkpoint_filter_fn": "ssl_vil.backbones.weights",
+    "convert_state_dict": "ssl_vil.backbones.weights",
+    "load_backbone_weights": "ssl_vil.backbones.weights",
+    "mlstm": "ssl_vil.backbones.mlstm_cell",
+    "mlstm_chunkwise": "ssl_vil.backbones.mlstm_chunkwise",
+    "mlstm_parallel": "ssl_vil.backbones.mlstm_parallel",
+    "pool_tokens": "ssl_vil.backbones.pooling",
+    "pooled_dim": "ssl_vil.backbones.pooling",
+}
 
 MODEL_NAMES = (
     "vil2_tiny_patch16_224",
@@ -47,3 +71,11 @@ __all__ = [
     "pool_tokens",
     "pooled_dim",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

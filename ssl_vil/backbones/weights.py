@@ -81,7 +81,7 @@ def read_export_metadata(path: str | Path) -> dict[str, Any] | None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for a damaged header
-        raise WeightLoadError(f"{path}: not a readable safetensors file ({error})") from error
+        raise WeightLoadError(f"{path}: not a readable safetensors file ({_first_line(error)})") from error
     if meta.get("format") != EXPORT_FORMAT:
         return None
     missing = [k for k in (*_JSON_FIELDS, *_TEXT_FIELDS) if k not in meta]
@@ -312,14 +312,33 @@ def read_checkpoint(path: str | Path) -> Mapping[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as error:  # safetensors raises its own error types for a damaged or foreign file
+            raise WeightLoadError(
+                f"{path}: not a readable safetensors file ({_first_line(error)}); expected a file written by "
+                "safetensors (e.g. python -m ssl_vil.export RUN)"
+            ) from error
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickled non-tensor objects are refused by weights_only
         raise WeightLoadError(
-            f"{path}: cannot be read with torch.load(weights_only=True) ({error}); export a plain tensor dict "
-            "or .safetensors"
+            f"{path}: cannot be read with torch.load(weights_only=True) ({_first_line(error)}); expected a plain "
+            "tensor dict (torch.save(model.state_dict(), ...)) or a .safetensors file"
         ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a library error whose message runs over many lines: torch.load's weights_only refusal gives
+    its reason (e.g. ``Unsupported global: GLOBAL argparse.Namespace``) after paragraphs of advice."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    if "WeightsUnpickler error:" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[1].strip()
+        reason = reason.split("\n\n")[0].split(". ")[0].strip()
+        if reason:
+            return reason
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_backbone_weights(model: nn.Module, path_or_state_dict: str | Path | Mapping[str, Any]) -> LoadReport:

@@ -51,8 +51,10 @@ class ModelConfig(Config):
     grad_checkpointing: bool = False
 
     def validate(self) -> None:
-        models = _known_models()
-        if self.name not in models:
+        from ssl_vil.backbones import MODEL_NAMES
+
+        # The package's own models need no timm import (a config check stays fast); others are looked up in timm.
+        if self.name not in MODEL_NAMES and self.name not in (models := _known_models()):
             near = difflib.get_close_matches(self.name, models, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"got {self.name!r}, expected a registered ViL model: {', '.join(models)}{hint}",

@@ -17,21 +17,54 @@ Interfaces:
 - :func:`resolve_shards`, :func:`read_manifest`; shards are written by ``python -m ssl_vil.data.make_shards``.
 """
 
-from ssl_vil.data.collate import default_collate_views, stack_views
-from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
-from ssl_vil.data.error_tally import COUNTER_KEYS, reduce_error_counts
-from ssl_vil.data.errors import (
-    ERROR_CATEGORIES,
-    LOST_SAMPLES,
-    DataConfigError,
-    DataError,
-    DataErrorBudgetExceeded,
-    DataIssue,
-)
-from ssl_vil.data.eval_stream import EvalStream, build_eval_stream
-from ssl_vil.data.manifest import Manifest, ShardInfo, list_splits, read_manifest
-from ssl_vil.data.shardlist import ShardSet, count_records, resolve_shard_set, resolve_shards
-from ssl_vil.data.train_stream import TrainStream, build_train_stream
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ssl_vil.data.collate import default_collate_views, stack_views
+    from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS, to_rgb
+    from ssl_vil.data.error_tally import COUNTER_KEYS, reduce_error_counts
+    from ssl_vil.data.errors import (
+        ERROR_CATEGORIES,
+        LOST_SAMPLES,
+        DataConfigError,
+        DataError,
+        DataErrorBudgetExceeded,
+        DataIssue,
+    )
+    from ssl_vil.data.eval_stream import EvalStream, build_eval_stream
+    from ssl_vil.data.manifest import Manifest, ShardInfo, list_splits, read_manifest
+    from ssl_vil.data.shardlist import ShardSet, count_records, resolve_shard_set, resolve_shards
+    from ssl_vil.data.train_stream import TrainStream, build_train_stream
+
+# Loaded on first use, so ``python -m ssl_vil.data.make_shards --help`` (and anything else importing one data
+# module) does not pay for torch.
+_LAZY = {
+    "COUNTER_KEYS": "ssl_vil.data.error_tally",
+    "DEFAULT_MAX_IMAGE_PIXELS": "ssl_vil.data.decode",
+    "DataConfigError": "ssl_vil.data.errors",
+    "DataError": "ssl_vil.data.errors",
+    "DataErrorBudgetExceeded": "ssl_vil.data.errors",
+    "DataIssue": "ssl_vil.data.errors",
+    "ERROR_CATEGORIES": "ssl_vil.data.errors",
+    "EvalStream": "ssl_vil.data.eval_stream",
+    "LOST_SAMPLES": "ssl_vil.data.errors",
+    "Manifest": "ssl_vil.data.manifest",
+    "ShardInfo": "ssl_vil.data.manifest",
+    "ShardSet": "ssl_vil.data.shardlist",
+    "TrainStream": "ssl_vil.data.train_stream",
+    "build_eval_stream": "ssl_vil.data.eval_stream",
+    "build_train_stream": "ssl_vil.data.train_stream",
+    "count_records": "ssl_vil.data.shardlist",
+    "default_collate_views": "ssl_vil.data.collate",
+    "list_splits": "ssl_vil.data.manifest",
+    "read_manifest": "ssl_vil.data.manifest",
+    "reduce_error_counts": "ssl_vil.data.error_tally",
+    "resolve_shard_set": "ssl_vil.data.shardlist",
+    "resolve_shards": "ssl_vil.data.shardlist",
+    "stack_views": "ssl_vil.data.collate",
+    "to_rgb": "ssl_vil.data.decode",
+}
 
 __all__ = [
     "COUNTER_KEYS",
@@ -59,3 +92,11 @@ __all__ = [
     "stack_views",
     "to_rgb",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

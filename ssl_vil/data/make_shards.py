@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import importlib
 import json
 import multiprocessing as mp
 import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -43,10 +45,32 @@ from ssl_vil.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from ssl_vil.data.shard_writer import PLAN_FORMAT, ShardPlan, ShardResult, file_sha256, plan_shards, write_shard
-from ssl_vil.data.shardlist import count_records
 from ssl_vil.data.sources import DIGITS_SPEC, Source, image_folder_classes, open_source
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 from ssl_vil.infra.files import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from ssl_vil.data.shard_writer import PLAN_FORMAT, ShardPlan, ShardResult, file_sha256, plan_shards, write_shard
+
+# The shard writer (webdataset, which imports torch) loads when shards are written, not for --help; its names are
+# still attributes of this module (``make_shards.write_shard``), and one set here first (a test's stand-in) wins.
+_WRITER_NAMES = ("PLAN_FORMAT", "ShardPlan", "ShardResult", "file_sha256", "plan_shards", "write_shard")
+
+
+def _load_writer() -> None:
+    module = importlib.import_module("ssl_vil.data.shard_writer")
+    for name in _WRITER_NAMES:
+        globals().setdefault(name, getattr(module, name))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WRITER_NAMES:
+        _load_writer()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+PROG = "python -m ssl_vil.data.make_shards"
 
 
 class OutputConflict(DataConfigError):
@@ -54,7 +78,8 @@ class OutputConflict(DataConfigError):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ssl_vil.data.make_shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    add_version(parser)
     parser.add_argument("src", help=f"ImageFolder root, text file list, or {DIGITS_SPEC}")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--split", default="train", help="split name in the shard file names (digits: train|val)")
@@ -77,6 +102,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _existing_result(path: Path) -> ShardResult:
     """Result of a shard a previous, interrupted run already renamed into place."""
+    from ssl_vil.data.shardlist import count_records
+
+    _load_writer()
     return ShardResult(path.name, count_records(str(path)), file_sha256(path), path.stat().st_size, [])
 
 
@@ -91,6 +119,7 @@ def _init_worker(source: Source) -> None:
 def _write_task(task: tuple[str, list, bool]) -> ShardResult:
     path, items, verify = task
     assert _SOURCE is not None
+    _load_writer()  # a spawned worker process starts without it
     return write_shard(Path(path), items, _SOURCE.classes, verify=verify)
 
 
@@ -177,6 +206,7 @@ def make_shards(
     classes_from: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Write (or finish) the shards of ``split``; returns its manifest. See the module docstring."""
+    _load_writer()
     source = open_source(src, split)
     if classes_from is not None:
         _reindex(source, reference_classes(classes_from), str(classes_from))
@@ -239,6 +269,7 @@ def make_shards(
     return manifest
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:

@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens
+from ssl_vil.eval.options import FEATURE_SPECS  # noqa: F401  (defined torch-free for the CLI parser)
 from ssl_vil.eval.progress import Progress
 from ssl_vil.infra.dist import all_gather_object, is_distributed
 from ssl_vil.infra.precision import autocast
-
-FEATURE_SPECS: tuple[str, ...] = ("cls", "avg", "cls+avg")
 
 
 def cls_pooling_of(model: nn.Module, info: Mapping[str, Any] | None = None) -> str:

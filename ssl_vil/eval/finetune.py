@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ssl_vil.config.errors import invalid
 from ssl_vil.eval.finetune_config import load_finetune_config
-from ssl_vil.eval.finetune_loop import run_finetune
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
+
+PROG = "eval/finetune.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/finetune.py", description="Fine-tune a pretrained ViL backbone")
+    p = argparse.ArgumentParser(prog=PROG, description="Fine-tune a pretrained ViL backbone",
+                                formatter_class=HelpFormatter)
+    add_version(p)
     p.add_argument("--config", required=True, help="fine-tuning recipe (recipes/finetune_*.yaml)")
     p.add_argument("--output-dir", required=True, help="checkpoints, train_log.jsonl, results_finetune.json")
     p.add_argument("--weights", default=None, help="shortcut for model.weights=W")
@@ -25,10 +30,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Fine-tune; a user error (bad recipe key or value, unreadable weights, unusable data...) exits with status 2
+    and one line on stderr (:mod:`ssl_vil.infra.cli_errors`)."""
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"model.weights={args.weights}"] if args.weights else [])
     cfg = load_finetune_config(args.config, overrides)
+    for key in ("train", "val"):
+        value = getattr(cfg.data, key)
+        if value is not None and str(value).startswith("pipe:"):
+            raise invalid(f"data.{key}", value, "a shard dir / glob / http(s) URL or an ImageFolder directory; "
+                          "pipe: URLs (shell commands) are not supported by fine-tuning: fetch the shards first")
+    from ssl_vil.eval.finetune_loop import run_finetune
+
     return run_finetune(cfg, args.output_dir, resume=not args.no_resume)
 
 

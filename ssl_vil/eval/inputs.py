@@ -17,47 +17,17 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torchvision import transforms
 
-from ssl_vil.config.engine import Config
-from ssl_vil.config.errors import invalid
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SampleIssue, decode_image
 from ssl_vil.data.error_tally import ErrorTally, zero_counts
 from ssl_vil.data.errors import DataError, DataIssue
 from ssl_vil.data.manifest import class_label_map
 from ssl_vil.data.sources import image_folder_files
-
-# DINO / DINOv2 k-NN and linear eval: resize 256 -> center crop 224, i.e. crop fraction 0.875.
-DEFAULT_CROP_PCT = 0.875
-
-
-@dataclass(kw_only=True, slots=True)
-class EvalInputsConfig(Config):
-    """What every evaluation CLI reads: the weights, the train/val data, how to load it, where to write."""
-
-    weights: str
-    model: str | None
-    train_data: str
-    val_data: str
-    train_split: str | None
-    val_split: str | None
-    batch_size: int
-    num_workers: int
-    img_size: int | None
-    crop_pct: float | None
-    device: Literal["auto", "cpu", "cuda"]
-    output_dir: str | None
-
-    def validate(self) -> None:
-        if self.batch_size < 1:
-            raise invalid("batch_size", self.batch_size, "an int >= 1")
-        if self.num_workers < 0:
-            raise invalid("num_workers", self.num_workers, "an int >= 0")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise invalid("crop_pct", self.crop_pct, "a fraction in (0, 1]")
+from ssl_vil.eval.options import DEFAULT_CROP_PCT, EvalInputsConfig  # noqa: F401  (torch-free for the CLI parsers)
 
 
 def eval_transform(img_size: int, mean: Iterable[float], std: Iterable[float],

@@ -18,32 +18,32 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
-from ssl_vil.config.errors import ConfigError, invalid
-from ssl_vil.eval import features as feats
-from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
-from ssl_vil.eval.knn_search import BACKENDS, knn_classify
-from ssl_vil.eval.progress import Progress
-from ssl_vil.eval.reporting import setup_logging
-from ssl_vil.eval.weights_id import is_random_init, random_init_backbone, weights_sha256
-from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
-from ssl_vil.infra.files import write_json_atomic
+from ssl_vil.config.errors import invalid
+from ssl_vil.eval.options import BACKENDS, DEFAULT_CROP_PCT, FEATURE_SPECS, EvalInputsConfig, refuse_pipe_urls
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
+
+if TYPE_CHECKING:  # the work's modules (torch, torchvision, timm) load when an evaluation runs, not for --help
+    import torch
+
+    from ssl_vil.eval import features as feats
+    from ssl_vil.infra.dist import DistInfo
 
 logger = logging.getLogger("ssl_vil.eval")
 
 RESULTS_FILE = "results_knn.json"
+PROG = "eval/knn.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/knn.py", description="k-NN evaluation of a pretrained ViL backbone")
+    p = argparse.ArgumentParser(prog=PROG, description="k-NN evaluation of a pretrained ViL backbone",
+                                formatter_class=HelpFormatter)
+    add_version(p)
     p.add_argument("--weights", required=True,
                    help="run dir | checkpoint folder | exported .safetensors | weights file | "
                         "random:RECIPE.yaml|RUN|MODEL_NAME (random-init baseline)")
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split name when --val-data holds several (default: 'val' if present)")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
-    p.add_argument("--features", choices=feats.FEATURE_SPECS, default="cls",
+    p.add_argument("--features", choices=FEATURE_SPECS, default="cls",
                    help='"[CLS]" = bilateral pooled token (default), "[AVG]" = mean token, or their concat')
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--faiss-fp16", action="store_true", help="faiss GPU index in float16")
@@ -91,6 +91,7 @@ class KnnEvalConfig(EvalInputsConfig):
             raise invalid("k", self.k, "neighbour counts >= 1")
         if self.temperature <= 0:
             raise invalid("temperature", self.temperature, "a positive temperature")
+        refuse_pipe_urls(self)
 
 
 def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:
@@ -98,27 +99,34 @@ def parse_config(argv: list[str] | None = None) -> KnnEvalConfig:
     return engine.parse_flags(KnnEvalConfig, build_parser(), argv)
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the evaluation; returns the results dict (also written to ``OUT/results_knn.json`` by rank 0).
 
-    Data that cannot be evaluated (missing shards, val classes the train data lacks...) exits with status 2 and
-    one line on stderr.
+    A user error (unreadable weights, missing shards, val classes the train data lacks...) exits with status 2
+    and one line on stderr (:mod:`ssl_vil.infra.cli_errors`).
     """
     args = parse_config(argv)
-    try:
-        with process_group(args.device) as dist:
-            return evaluate(args, dist)
-    except ConfigError as exc:
-        print(f"eval/knn.py: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    from ssl_vil.infra.dist import process_group
+
+    with process_group(args.device) as dist:
+        return evaluate(args, dist)
 
 
 def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     """The k-NN evaluation for parsed ``args`` on this process (collective when distributed)."""
+    from ssl_vil.eval import features as feats
+    from ssl_vil.eval.inputs import default_split, eval_transform, open_eval_source
+    from ssl_vil.eval.knn_search import knn_classify
+    from ssl_vil.eval.progress import Progress
+    from ssl_vil.eval.reporting import setup_logging
+    from ssl_vil.eval.weights_id import is_random_init, random_init_backbone, weights_sha256
+    from ssl_vil.export import load_pretrained_backbone
+    from ssl_vil.infra.dist import barrier
+    from ssl_vil.infra.files import write_json_atomic
+
     t_start = time.perf_counter()
     setup_logging(dist.rank)
-
-    from ssl_vil.export import load_pretrained_backbone
 
     if is_random_init(args.weights):
         model, info = random_init_backbone(args.weights, args.init_seed)
@@ -215,6 +223,8 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
 
 def _check_count(split: str, source: Any, read: int, device: torch.device) -> int:
     """Samples the data layer skipped as unreadable (logged); raises if the count is off for any other reason."""
+    from ssl_vil.infra.dist import all_reduce_scalar
+
     if source.num_samples is None:
         return 0
     issues = all_reduce_scalar(sum(source.error_totals().values()), "sum", device)
@@ -231,6 +241,8 @@ def _check_count(split: str, source: Any, read: int, device: torch.device) -> in
 
 def _feature_dim(sets: dict[str, feats.FeatureSet], device: torch.device) -> int:
     """Feature size, agreed across ranks (a rank with no samples has no tensor to read it from)."""
+    from ssl_vil.infra.dist import all_reduce_scalar
+
     local = max((s.features.shape[1] for s in sets.values() if s.features.numel()), default=0)
     return int(all_reduce_scalar(local, "max", device))
 

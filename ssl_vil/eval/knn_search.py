@@ -22,10 +22,10 @@ from typing import Literal
 import torch
 import torch.distributed as torch_dist
 
+from ssl_vil.eval.options import BACKENDS  # noqa: F401  (defined torch-free for the CLI parser)
 from ssl_vil.infra.dist import all_reduce_, all_reduce_scalar, broadcast_, rank, world_size
 
 Backend = Literal["torch", "faiss"]
-BACKENDS: tuple[str, ...] = ("torch", "faiss")
 
 # Bytes of similarity scores materialised per query chunk; 512 MiB keeps the chunk in the thousands of
 # queries for 100k train images and bounded for ImageNet-size banks (1.28M x 4 B x 100 queries).

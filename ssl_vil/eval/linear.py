@@ -17,36 +17,34 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
-from torchvision import transforms
+from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
-from ssl_vil.config.errors import ConfigError, invalid
-from ssl_vil.eval import features as feats
-from ssl_vil.eval import linear_probe as linear
-from ssl_vil.eval.inputs import DEFAULT_CROP_PCT, EvalInputsConfig, default_split, eval_transform, open_eval_source
-from ssl_vil.eval.progress import Progress
-from ssl_vil.eval.reporting import setup_logging
-from ssl_vil.eval.train_inputs import open_train_stream
-from ssl_vil.eval.weights_id import weights_sha256
-from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, process_group
-from ssl_vil.infra.files import write_json_atomic
-from ssl_vil.infra.precision import autocast
+from ssl_vil.config.errors import invalid
+from ssl_vil.eval.options import DEFAULT_CROP_PCT, DEFAULT_LRS, EvalInputsConfig, refuse_pipe_urls
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
+
+if TYPE_CHECKING:  # the work's modules (torch, torchvision, timm) load when an evaluation runs, not for --help
+    import torch
+
+    from ssl_vil.eval import linear_probe as linear
+    from ssl_vil.eval.progress import Progress
+    from ssl_vil.infra.dist import DistInfo
 
 logger = logging.getLogger("ssl_vil.eval")
 
 RESULTS_FILE = "results_linear.json"
+PROG = "eval/linear.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval/linear.py", description="Linear-probe grid of a pretrained ViL backbone")
+    p = argparse.ArgumentParser(prog=PROG, description="Linear-probe grid of a pretrained ViL backbone",
+                                formatter_class=HelpFormatter)
+    add_version(p)
     p.add_argument("--weights", required=True,
                    help="run dir | checkpoint folder | exported .safetensors | weights file")
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
@@ -54,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-data", required=True)
     p.add_argument("--train-split", default=None)
     p.add_argument("--val-split", default=None)
-    p.add_argument("--lrs", type=float, nargs="+", default=list(linear.DEFAULT_LRS),
+    p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
                    help="base lrs (scaled by global batch / 256)")
     p.add_argument("--block-counts", type=int, nargs="+", default=[1, 4], help="last-n block pairs per head")
     duration = p.add_mutually_exclusive_group()
@@ -75,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _augment_transform(img_size: int, mean: list[float], std: list[float]) -> Any:
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(),
@@ -86,6 +86,11 @@ def _augment_transform(img_size: int, mean: list[float], std: list[float]) -> An
 def _extract_bank(batches: Iterable[dict[str, Any]], fn, device: torch.device, progress: Progress,
                   keep: Any = None) -> linear.FeatureBank:
     """Grid features of every sample (``keep(key)`` filters) on CPU float32."""
+    import torch
+
+    from ssl_vil.eval import linear_probe as linear
+    from ssl_vil.infra.precision import autocast
+
     cls_parts, avg_parts, labels, keys = [], [], [], []
     with torch.no_grad(), autocast("auto", device):
         for batch in batches:
@@ -129,6 +134,7 @@ class LinearEvalConfig(EvalInputsConfig):
             raise invalid("train_steps", self.train_steps, "an int >= 1")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise invalid("heldout_fraction", self.heldout_fraction, "a fraction in [0, 1)")
+        refuse_pipe_urls(self)
 
 
 def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
@@ -136,24 +142,36 @@ def parse_config(argv: list[str] | None = None) -> LinearEvalConfig:
     return engine.parse_flags(LinearEvalConfig, build_parser(), argv)
 
 
+@user_errors(PROG)
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run the linear grid; data that cannot be evaluated exits with status 2 and one line on stderr."""
+    """Run the linear grid; a user error (unreadable weights, data that cannot be evaluated...) exits with status 2
+    and one line on stderr (:mod:`ssl_vil.infra.cli_errors`)."""
     args = parse_config(argv)
-    try:
-        with process_group(args.device) as dist:
-            return evaluate(args, dist)
-    except ConfigError as exc:
-        print(f"eval/linear.py: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    from ssl_vil.infra.dist import process_group
+
+    with process_group(args.device) as dist:
+        return evaluate(args, dist)
 
 
 def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
     """The linear-grid evaluation for parsed ``args`` on this process (collective when distributed)."""
+    import torch
+
+    from ssl_vil.eval import features as feats
+    from ssl_vil.eval import linear_probe as linear
+    from ssl_vil.eval.inputs import default_split, eval_transform, open_eval_source
+    from ssl_vil.eval.progress import Progress
+    from ssl_vil.eval.reporting import setup_logging
+    from ssl_vil.eval.train_inputs import open_train_stream
+    from ssl_vil.eval.weights_id import weights_sha256
+    from ssl_vil.export import load_pretrained_backbone
+    from ssl_vil.infra.dist import all_reduce_scalar, barrier
+    from ssl_vil.infra.files import write_json_atomic
+    from ssl_vil.infra.precision import autocast
+
     t_start = time.perf_counter()
     setup_logging(dist.rank)
     device = dist.device
-
-    from ssl_vil.export import load_pretrained_backbone
 
     model, info = load_pretrained_backbone(args.weights, args.model)
     model = model.to(device).eval()
@@ -285,6 +303,8 @@ def evaluate(args: LinearEvalConfig, dist: DistInfo) -> dict[str, Any]:
 
 def _probe_dims(fn, img_size: int, device: torch.device) -> tuple[int, int]:
     """(cls_dim, avg_dim) from one dummy image, for a rank that holds no val sample."""
+    import torch
+
     with torch.no_grad():
         cls, avg = fn(torch.zeros(1, 3, img_size, img_size, device=device))
     return cls.shape[2], avg.shape[1]

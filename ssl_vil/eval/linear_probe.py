@@ -21,10 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ssl_vil.eval.options import DEFAULT_LRS  # noqa: F401  (DINOv2's 13 base lrs; torch-free for the CLI parser)
 from ssl_vil.infra.dist import all_reduce_, world_size
-
-# DINOv2's 13 base learning rates (scaled by batch / 256).
-DEFAULT_LRS: tuple[float, ...] = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1)
 
 
 @dataclass(frozen=True)

@@ -21,19 +21,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
+from ssl_vil.infra.exit_codes import GUARD_EXIT_CODE, INTERRUPT_EXIT_CODE, REFUSED_EXIT_CODE, REQUEUE_EXIT_CODE
 
-# Refused before training: the config, the output dir, the device, the data or the run dir's state cannot work.
-REFUSED_EXIT_CODE = 2
-# A run stopped by a guard (non-finite values past the policy, a collapsed teacher, a blown data error budget).
-GUARD_EXIT_CODE = 3
+PROG = "python -m ssl_vil.train"
 
 __all__ = ["GUARD_EXIT_CODE", "INTERRUPT_EXIT_CODE", "REFUSED_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser",
            "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m ssl_vil.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    add_version(ap)
     ap.add_argument("--config", required=True, type=Path, help="recipe YAML (e.g. recipes/demo_digits.yaml)")
     ap.add_argument("--output-dir", required=True, type=Path, help="run directory (resumed if it exists)")
     ap.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -62,6 +61,7 @@ def _announce_resume(code: int, argv: list[str] | None, is_main: bool) -> int:
     return code
 
 
+@user_errors(PROG)
 @_one_line_on_interrupt
 def main(argv: list[str] | None = None) -> int:
     """Parse, validate the config (before any process group), then train. Returns the process exit code."""

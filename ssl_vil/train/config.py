@@ -12,7 +12,7 @@ from typing import Literal
 
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
-from ssl_vil.eval.inputs import DEFAULT_CROP_PCT
+from ssl_vil.eval.options import DEFAULT_CROP_PCT
 
 
 @dataclass(kw_only=True, slots=True)

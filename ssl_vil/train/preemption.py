@@ -30,15 +30,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-# Exit status of a run that saved a checkpoint because it was asked to stop and wants to be requeued.
-# EX_TEMPFAIL from sysexits.h ("temporary failure, the user is invited to retry"). It is distinct from Python's
-# 1 (uncaught exception) and 2 (usage), from torchrun's 1 and 128+signal codes, from `timeout`'s 124, and from the
-# hang watchdog's 86.
-REQUEUE_EXIT_CODE = 75
-
-# Exit status of a run stopped by Ctrl-C: 128 + SIGINT, what a shell reports for a program killed by Ctrl-C, so
-# scripts and launchers treat it as the user's stop (cluster/job.py requeues on REQUEUE_EXIT_CODE only).
-INTERRUPT_EXIT_CODE = 128 + int(signal.SIGINT)
+# The exit statuses of a run saved for a requeue / stopped by Ctrl-C (torch-free, shared with the CLI).
+from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)
 
