@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ssl_vil.backbones import VisionLSTM, VisionLSTM2, mlstm, mlstm_chunkwise, mlstm_parallel
-from ssl_vil.backbones.mlstm_chunkwise import chunk_layout
+from ssl_vil.backbones.chunkwise_form import chunk_layout
 
 SEQ_LENS = (16, 36, 49, 196, 200)
 

@@ -25,3 +25,22 @@ def test_models_are_registered_whatever_the_import_order(imports):
             "m = timm.create_model('vil2_tiny_patch16_224', img_size=32, dim=32, depth=2)\n"
             "print(type(m).__name__, timm.is_model('vil_tiny_patch16_224'))")
     assert _python(code) == "VisionLSTM2 True"
+
+
+def test_lazy_names_are_what_they_say_after_their_submodules_are_imported():
+    """A lazily exported name must not share a submodule's name: importing the submodule would shadow it."""
+    code = (
+        "import importlib, pkgutil, ssl_vil\n"
+        "bad = []\n"
+        "for info in pkgutil.iter_modules(ssl_vil.__path__):\n"
+        "    pkg = importlib.import_module(f'ssl_vil.{info.name}')\n"
+        "    lazy = getattr(pkg, '_LAZY', {})\n"
+        "    for module in set(lazy.values()):\n"
+        "        importlib.import_module(module)\n"
+        "    for name, module in sorted(lazy.items()):\n"
+        "        value = getattr(pkg, name)\n"
+        "        if value is not getattr(importlib.import_module(module), name):\n"
+        "            bad.append(f'{pkg.__name__}.{name}')\n"
+        "print(bad)\n"
+    )
+    assert _python(code) == "[]"

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ssl_vil.backbones.mlstm_cell import MLSTM_BACKENDS, mlstm
-    from ssl_vil.backbones.mlstm_chunkwise import mlstm_chunkwise
-    from ssl_vil.backbones.mlstm_parallel import mlstm_parallel
+    from ssl_vil.backbones.chunkwise_form import mlstm_chunkwise
+    from ssl_vil.backbones.parallel_form import mlstm_parallel
     from ssl_vil.backbones.pooling import POOLING_KINDS, canonical_pooling, pool_tokens, pooled_dim
     from ssl_vil.backbones.vision_lstm import VisionLSTM, VisionLSTM2
     from ssl_vil.backbones.weights import (
@@ -36,8 +36,8 @@ _LAZY = {
     "convert_state_dict": "ssl_vil.backbones.weights",
     "load_backbone_weights": "ssl_vil.backbones.weights",
     "mlstm": "ssl_vil.backbones.mlstm_cell",
-    "mlstm_chunkwise": "ssl_vil.backbones.mlstm_chunkwise",
-    "mlstm_parallel": "ssl_vil.backbones.mlstm_parallel",
+    "mlstm_chunkwise": "ssl_vil.backbones.chunkwise_form",
+    "mlstm_parallel": "ssl_vil.backbones.parallel_form",
     "pool_tokens": "ssl_vil.backbones.pooling",
     "pooled_dim": "ssl_vil.backbones.pooling",
 }

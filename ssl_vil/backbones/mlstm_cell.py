@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ssl_vil.backbones.mlstm_chunkwise import mlstm_chunkwise
-from ssl_vil.backbones.mlstm_parallel import mlstm_parallel
+from ssl_vil.backbones.chunkwise_form import mlstm_chunkwise
+from ssl_vil.backbones.parallel_form import mlstm_parallel
 from ssl_vil.backbones.norms import MultiHeadLayerNorm
 
 MLSTMBackend = Literal["parallel", "chunkwise", "auto"]
