@@ -5,7 +5,7 @@
 See ``python eval/finetune.py --help``; the implementation lives in :mod:`ssl_vil.eval.finetune_loop`.
 """
 
-from ssl_vil.eval.finetune import main
+from ssl_vil.eval.finetune import main, run_cli  # noqa: F401  (main: the callable the cluster launcher runs)
 
 if __name__ == "__main__":
-    main()
+    run_cli()

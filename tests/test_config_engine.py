@@ -9,7 +9,7 @@ from typing import Literal
 
 import pytest
 
-from ssl_vil.config import ConfigError, engine, load_config
+from ssl_vil.config import ConfigError, RunConfig, engine, load_config
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 
@@ -137,3 +137,16 @@ def test_finetune_config_uses_the_same_engine():
     assert not any(hasattr(finetune_config, name) for name in ("_coerce", "_build", "_merge"))
     with pytest.raises(ConfigError, match="optim.train_epochs: unknown key; did you mean schedule.train_epochs?"):
         finetune_config.load_finetune_config(RECIPES / "finetune_digits.yaml", ["optim.train_epochs=3"])
+
+
+def test_an_override_in_one_unit_replaces_the_recipes_other_unit(tmp_path: Path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("schedule:\n  total_epochs: 100\n  warmup_epochs: 10\n  teacher_temp_warmup_samples: 640\n"
+                      "data:\n  samples_per_epoch: 1000\n")
+    cfg = engine.load(RunConfig, recipe, ["schedule.total_steps=50", "schedule.warmup_samples=64"])
+    s = cfg.schedule
+    assert (s.total_steps, s.total_epochs, s.warmup_samples, s.warmup_epochs) == (50, None, 64, None)
+    assert (s.teacher_temp_warmup_samples, s.teacher_temp_warmup_steps) == (640, None)  # not overridden: kept
+    # two units on the command line are still two units
+    with pytest.raises(ConfigError, match=r"schedule\.total_\*.*total_steps=50, total_epochs=3"):
+        engine.load(RunConfig, recipe, ["schedule.total_steps=50", "schedule.total_epochs=3"])

@@ -1,4 +1,5 @@
-"""Fine-tuning: layer-decay lr scales per ViL block pair, a digits epoch end to end, exact resume after SIGKILL."""
+"""Fine-tuning: layer-decay lr scales per ViL block pair, a digits epoch end to end, the step guard (non-finite
+skip / halt), exact resume after SIGKILL and after a preemption save."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_vil.checkpoint import CheckpointManager
 from ssl_vil.config import ConfigError
 from ssl_vil.eval import finetune_setup as ft
 from ssl_vil.eval.finetune_config import load_finetune_config
@@ -166,7 +168,7 @@ def _ft_command(shards: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
+def test_resume_after_sigkill_and_preemption_continues_exactly(digits_shards, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     subprocess.run(_ft_command(digits_shards, ref_dir), check=True, env=env, cwd=REPO, capture_output=True)
@@ -187,6 +189,22 @@ def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
     killed_log = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if "event" not in r]
     assert 10 <= len(killed_log) < 20  # killed mid-epoch, after the step-10 checkpoint
 
+    # Resumed, then preempted: SIGUSR2 saves at the next step boundary and exits 75 (the launcher requeues on it).
+    proc = subprocess.Popen(_ft_command(digits_shards, run_dir), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if '"step": 11,' in (run_dir / ft.TRAIN_LOG).read_text():
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGUSR2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err
+    assert "preempted: checkpoint saved; resume with: python eval/finetune.py --config" in err
+    [stop] = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if r.get("event") == "preempted"]
+    assert 11 <= stop["step"] < 20 and stop["exit_code"] == 75
+    assert latest.read_text().strip() == f"step_{stop['step']:08d}"
+
     subprocess.run(_ft_command(digits_shards, run_dir), check=True, env=env, cwd=REPO, capture_output=True)
     resumed = [r for r in read_jsonl(run_dir / ft.TRAIN_LOG) if "event" not in r]
     assert [r["step"] for r in resumed] == list(range(1, 21))
@@ -199,6 +217,65 @@ def test_resume_after_sigkill_continues_exactly(digits_shards, tmp_path):
     run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     assert ref_state.keys() == run_state.keys()
     assert all(torch.equal(ref_state[k], run_state[k]) for k in ref_state)
+
+
+class _NaNOnCalls(torch.nn.Module):
+    """The recipe's criterion, returning NaN on the given (1-based) calls: a fault injected from outside."""
+
+    def __init__(self, inner: torch.nn.Module, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.inner, self.bad_calls, self.calls = inner, bad_calls, 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = self.inner(logits, target)
+        return loss * float("nan") if self.calls in self.bad_calls else loss
+
+
+def _inject_nan(monkeypatch, bad_calls: set[int]) -> None:
+    from ssl_vil.eval import finetune_loop
+
+    original = finetune_loop._Run._loss
+
+    def patched(self):
+        mixup, criterion = original(self)
+        return mixup, _NaNOnCalls(criterion, bad_calls)
+
+    monkeypatch.setattr(finetune_loop._Run, "_loss", patched)
+
+
+def test_a_nonfinite_step_is_skipped_by_the_step_guard(digits_shards, tmp_path, monkeypatch):
+    from ssl_vil.eval.finetune import main
+
+    torch.set_num_threads(1)
+    _inject_nan(monkeypatch, {3})
+    res = main(["--config", str(RECIPE), "--output-dir", str(tmp_path),
+                *_tiny_overrides(digits_shards, "schedule.train_epochs=1", "schedule.warmup_epochs=0",
+                                 "optim.lr=3e-3", "train.eval_every_epochs=1")])
+    assert res["steps"] == 20
+    log = read_jsonl(tmp_path / ft.TRAIN_LOG)
+    steps = [r for r in log if "event" not in r]
+    assert [r["step"] for r in steps if r["skipped"]] == [3]
+    assert math.isnan(steps[2]["loss"]) and all(math.isfinite(r["loss"]) for r in steps if r["step"] != 3)
+    assert [(r["step"], r["nonfinite"]) for r in log if r.get("event") == "step_skipped"] == [(3, 1.0)]
+    # The skipped step never reached the optimizer: AdamW counted 19 updates of every parameter.
+    state = CheckpointManager.load_folder(tmp_path / "checkpoints" / "step_00000020").payload["optimizer"]
+    assert {int(s["step"]) for s in state["state"].values()} == {19}
+    assert res["final"]["top1"] > 20.0
+
+
+def test_halt_policy_stops_with_the_guard_exit_code_and_one_line(digits_shards, tmp_path, monkeypatch, capsys):
+    from ssl_vil.eval.finetune import GUARD_EXIT_CODE, main
+
+    torch.set_num_threads(1)
+    _inject_nan(monkeypatch, {2})
+    code = main(["--config", str(RECIPE), "--output-dir", str(tmp_path),
+                 *_tiny_overrides(digits_shards, "schedule.train_epochs=1", "schedule.warmup_epochs=0",
+                                  "guards.nonfinite_policy=halt")])
+    assert code == GUARD_EXIT_CODE == 3
+    err = capsys.readouterr().err
+    assert "fine-tuning stopped" in err and "step 1" in err and "Traceback" not in err
+    assert [r["step"] for r in read_jsonl(tmp_path / ft.TRAIN_LOG) if "event" not in r] == [1]
 
 
 def test_imagefolder_train_stream_is_exactly_once_and_resumes(tmp_path):

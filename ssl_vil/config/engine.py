@@ -349,10 +349,34 @@ def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] 
     """
     drop = tuple(drop)
     data = read_yaml(path) if path is not None else {}
-    data = merge(data, overrides_to_dict(overrides))
+    over = overrides_to_dict(overrides)
+    data = merge(_without_replaced_units(data, over), over)
     for key in drop:
         data.pop(key, None)
     return build(cls, data, moved=moved, internal=drop)
+
+
+DURATION_UNITS = ("steps", "samples", "epochs")
+
+
+def _without_replaced_units(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` less the durations an override restates in another unit.
+
+    A duration is set in exactly one unit (``warmup_steps`` | ``warmup_samples`` | ``warmup_epochs``); a recipe
+    stating ``total_epochs: 100`` overridden with ``schedule.total_steps=50`` means 50 steps, so the recipe's
+    ``total_epochs`` is dropped rather than reported as a second unit. Both units given as overrides still fail.
+    """
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _without_replaced_units(out[key], value)
+            continue
+        stem, _, unit = key.rpartition("_")
+        if stem and unit in DURATION_UNITS and value is not None:
+            for other in DURATION_UNITS:
+                if other != unit and f"{stem}_{other}" not in over:
+                    out.pop(f"{stem}_{other}", None)
+    return out
 
 
 def from_flags(cls: type[T], flags: argparse.Namespace) -> T:

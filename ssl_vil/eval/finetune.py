@@ -4,16 +4,24 @@
     torchrun --nproc_per_node=N eval/finetune.py --config ... --output-dir OUT
 
 Re-running the same command resumes from ``OUT``'s newest valid checkpoint (``--no-resume`` starts over).
+SIGUSR2 / SIGTERM (preemption) and Ctrl-C save at the next step boundary and exit with :data:`REQUEUE_EXIT_CODE`
+(75, which the cluster launcher requeues) / :data:`INTERRUPT_EXIT_CODE` (130); non-finite losses or gradients past
+``guards.max_consecutive_skips`` (or any, with ``guards.nonfinite_policy=halt``) stop with :data:`GUARD_EXIT_CODE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from typing import Any
 
 from ssl_vil.config.errors import invalid
 from ssl_vil.eval.finetune_config import load_finetune_config
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
+from ssl_vil.infra.exit_codes import GUARD_EXIT_CODE, INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+
+__all__ = ["GUARD_EXIT_CODE", "INTERRUPT_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser", "main"]
 
 PROG = "eval/finetune.py"
 
@@ -31,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @user_errors(PROG)
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Fine-tune; a user error (bad recipe key or value, unreadable weights, unusable data...) exits with status 2
-    and one line on stderr (:mod:`ssl_vil.infra.cli_errors`)."""
+def main(argv: list[str] | None = None) -> dict[str, Any] | int:
+    """Fine-tune; returns the results dict, or an exit code when the run stopped early (see the module docstring).
+    A user error (bad recipe key or value, unreadable weights, unusable data...) exits with status 2 and one line
+    on stderr (:mod:`ssl_vil.infra.cli_errors`)."""
     args = build_parser().parse_args(argv)
     overrides = list(args.overrides) + ([f"model.weights={args.weights}"] if args.weights else [])
     cfg = load_finetune_config(args.config, overrides)
@@ -43,9 +52,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise invalid(f"data.{key}", value, "a shard dir / glob / http(s) URL or an ImageFolder directory; "
                           "pipe: URLs (shell commands) are not supported by fine-tuning: fetch the shards first")
     from ssl_vil.eval.finetune_loop import run_finetune
+    from ssl_vil.train.guards import NonFiniteError
 
-    return run_finetune(cfg, args.output_dir, resume=not args.no_resume)
+    try:
+        result = run_finetune(cfg, args.output_dir, resume=not args.no_resume)
+    except NonFiniteError as e:
+        print(f"{PROG}: fine-tuning stopped: {e}", file=sys.stderr, flush=True)
+        return GUARD_EXIT_CODE
+    if isinstance(result, int):
+        why = "interrupted" if result == INTERRUPT_EXIT_CODE else "preempted"
+        command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
+        print(f"{why}: checkpoint saved; resume with: {command}", file=sys.stderr, flush=True)
+    return result
+
+
+def run_cli() -> None:
+    """``python eval/finetune.py`` / ``python -m ssl_vil.eval.finetune``: the exit status is main's code (0 when
+    fine-tuning completed)."""
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli()

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from ssl_vil.config import engine
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
+from ssl_vil.train.config import StepGuardConfig
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,6 +111,8 @@ class FinetuneConfig(Config):
     schedule: FtSchedule = field(default_factory=FtSchedule)
     ema: FtEma = field(default_factory=FtEma)
     train: FtTrain = field(default_factory=FtTrain)
+    # The pretraining trainer's step guard: non-finite losses / gradients skip the step (or halt), spikes skip it.
+    guards: StepGuardConfig = field(default_factory=StepGuardConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return engine.to_dict(self)

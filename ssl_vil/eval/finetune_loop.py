@@ -4,6 +4,7 @@ evaluate, write ``OUT/results_finetune.json``. See :mod:`ssl_vil.eval.finetune_s
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,14 @@ from ssl_vil.eval.inputs import default_split
 from ssl_vil.eval.reporting import setup_logging
 from ssl_vil.eval.train_inputs import open_train_stream, source_classes
 from ssl_vil.eval.weights_id import weights_sha256
-from ssl_vil.infra.dist import DistInfo, all_reduce_, barrier, process_group
+from ssl_vil.infra.dist import DistInfo, all_reduce_scalar, barrier, is_distributed, process_group
+from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 from ssl_vil.infra.files import JsonlLog, write_json_atomic
 from ssl_vil.infra.precision import autocast
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
+from ssl_vil.train.guards import FiniteGuard, SpikeGuard
+from ssl_vil.train.preemption import PreemptionFlag
+from ssl_vil.train.step_guard import StepGuard, Verdict
 
 logger = logging.getLogger("ssl_vil.eval")
 
@@ -49,7 +54,7 @@ def _class_count(cfg: FinetuneConfig, classes: tuple[str, ...] | list[str]) -> i
 class _Run:
     """State of one fine-tuning process (rank)."""
 
-    def __init__(self, cfg: FinetuneConfig, output_dir: Path, dist: DistInfo) -> None:
+    def __init__(self, cfg: FinetuneConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
         self.cfg, self.out, self.dist = cfg, output_dir, dist
         self.device = dist.device
         d = cfg.data
@@ -89,6 +94,12 @@ class _Run:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.mixup, self.criterion = self._loss()
+        # The pretraining trainer's step guard: one collective per step decides skip (non-finite, spike) / stop.
+        g = cfg.guards
+        self.finite = FiniteGuard(g.nonfinite_policy, g.max_consecutive_skips, output_dir, dist.rank)
+        self.spike = SpikeGuard(g.spike_window_steps, g.spike_z_threshold, min(20, g.spike_window_steps)) \
+            if g.spike_detection else None
+        self.guard = StepGuard(self.finite, self.spike, preempt, rank=dist.rank, world_size=dist.world_size)
         self.ckpt = CheckpointManager(output_dir, keep_last=cfg.train.keep_last, keep_every_steps=None,
                                       config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
                                       git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
@@ -118,6 +129,9 @@ class _Run:
                              "history": list(self.history)}
         if self.ema is not None:
             p["ema"] = self.ema.module.state_dict()
+        p["finite_guard"] = self.finite.state_dict()
+        if self.spike is not None:
+            p["spike_guard"] = self.spike.state_dict()
         return p
 
     def save(self) -> None:
@@ -137,6 +151,10 @@ class _Run:
             self.ema.module.load_state_dict(p["ema"])
         self.stream.load_state_dict(p["data"])
         self.history = list(p.get("history", []))
+        if "finite_guard" in p:  # checkpoints written before fine-tuning had the step guard lack them
+            self.finite.load_state_dict(p["finite_guard"])
+        if self.spike is not None and "spike_guard" in p:
+            self.spike.load_state_dict(p["spike_guard"])
         self.step = loaded.step
         self.log.truncate_after(self.step)
         logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
@@ -144,8 +162,8 @@ class _Run:
         return True
 
     # ------------------------------------------------------------------------------------------------ train
-    def train_step(self, batch: dict[str, Any]) -> float:
-        """One optimizer step; returns the loss averaged over ranks."""
+    def train_step(self, batch: dict[str, Any]) -> Verdict:
+        """One optimizer step, unless the step guard skips it; the verdict holds the loss averaged over ranks."""
         cfg = self.cfg
         ft.reseed_step(cfg.train.seed, self.step, self.dist.rank)
         self.scheduler.step_update(num_updates=self.step)
@@ -155,18 +173,21 @@ class _Run:
             x, y = self.mixup(x, y)
         with autocast(cfg.train.precision, self.device):
             loss = self.criterion(self.train_model(x), y)
-        if not torch.isfinite(loss).all():
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step} "
-                                     f"(epoch {batch['epoch']}, batch {batch['batch_in_epoch']})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.optim.clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad_norm)
-        self.optimizer.step()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm is not None else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(params, max_norm).float()
+        verdict = self.guard.decide(self.step, terms={"loss": loss.detach().float()}, diagnostics={},
+                                    grad_norm=grad_norm, micro_batches=[batch])
+        if verdict.skip:  # parameters, optimizer and EMA untouched
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
         self.step += 1
-        if self.ema is not None:
+        if self.ema is not None and not verdict.skip:
             self.ema.update(self.model, step=self.step)
-        return float(all_reduce_(loss.detach().float().reshape(1), "mean").item())
+        return verdict
 
     def evaluate(self, epoch: int) -> dict[str, Any] | None:
         source = self.val_source
@@ -184,7 +205,8 @@ class _Run:
         self.history.append(record)
         return record
 
-    def run(self) -> None:
+    def run(self) -> int:
+        """Train to the last step; 0 when done, or the exit code of a save for a signal (requeue / Ctrl-C)."""
         cfg = self.cfg
         timer = StepTimer()
         self.model.train()
@@ -192,10 +214,17 @@ class _Run:
         while self.step < self.total_steps:
             for batch in self.stream:
                 timer.data_ready()
-                loss = self.train_step(batch)
+                verdict = self.train_step(batch)
+                loss = verdict.metrics["loss"]
                 timer.step_done(batch["views"].shape[0] * self.dist.world_size)
                 lr = ft.peak_group_lr(self.optimizer)
-                self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr})
+                self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr,
+                                "grad_norm": verdict.metrics["grad_norm"], "skipped": float(verdict.skip)})
+                if verdict.skip:
+                    self.log.write({"event": "step_skipped", "step": self.step,
+                                    "nonfinite": float(verdict.skip_nonfinite), "spike": float(verdict.skip_spike)})
+                    logger.warning("step %d skipped (%s)", self.step,
+                                   "non-finite loss or gradients" if verdict.skip_nonfinite else "loss spike")
                 if is_due(self.step, cfg.train.log_every_steps, total_steps=self.total_steps):
                     timing = timer.pop_window()
                     logger.info("step %d/%d (epoch %d) loss %.4f lr %.3g %.1f img/s ETA %s", self.step,
@@ -207,29 +236,52 @@ class _Run:
                                          total_steps=cfg.schedule.train_epochs):
                     self.evaluate(batch["epoch"])
                     timer.start()
-                if epoch_done or is_due(self.step, cfg.train.checkpoint_every_steps):
+                if epoch_done or verdict.stop or is_due(self.step, cfg.train.checkpoint_every_steps):
                     self.save()
                     timer.start()
+                if verdict.stop:
+                    code = self._stop_exit_code()
+                    self.log.write({"event": "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted",
+                                    "step": self.step, "exit_code": code})
+                    return code
                 if self.step >= self.total_steps:
                     break
+        return 0
+
+    def _stop_exit_code(self) -> int:
+        """Ctrl-C on any rank: the user's stop (never requeued); otherwise a preemption. Collective, once."""
+        interrupted = int(self.guard.preempt.interrupted)
+        if is_distributed():
+            interrupted = all_reduce_scalar(interrupted, "max")
+        return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
 
 
-def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = True) -> dict[str, Any]:
+def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = True) -> dict[str, Any] | int:
     """Fine-tune per ``cfg`` into ``output_dir`` (resuming from its newest checkpoint unless ``resume=False``).
 
-    Returns the results dict (also written to ``OUT/results_finetune.json`` by rank 0).
+    Returns the results dict (also written to ``OUT/results_finetune.json`` by rank 0), or, when a preemption
+    signal (SIGUSR2 / SIGTERM) or Ctrl-C stopped the run after saving at a step boundary,
+    :data:`REQUEUE_EXIT_CODE` / :data:`INTERRUPT_EXIT_CODE`.
     """
-    with process_group(cfg.train.device) as dist:
-        return _finetune(cfg, Path(output_dir), resume, dist)
+    # Installed first, as in pretraining: a signal during start-up is honoured at the first step boundary.
+    preempt = PreemptionFlag(interrupt=True, announce=True)
+    preempt.install()
+    try:
+        with process_group(cfg.train.device) as dist:
+            preempt.announce = dist.is_main
+            return _finetune(cfg, Path(output_dir), resume, dist, preempt)
+    finally:
+        preempt.uninstall()
 
 
-def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInfo) -> dict[str, Any]:
+def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInfo, preempt: PreemptionFlag
+              ) -> dict[str, Any] | int:
     setup_logging(dist.rank)
     if dist.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     t0 = time.perf_counter()
-    run = _Run(cfg, output_dir, dist)
+    run = _Run(cfg, output_dir, dist, preempt)
     resumed = resume and run.try_resume()
     if not resumed and dist.is_main:
         run.log.truncate_after(0)
@@ -237,9 +289,12 @@ def _finetune(cfg: FinetuneConfig, output_dir: Path, resume: bool, dist: DistInf
                 run.info["model"], run.num_classes, run.total_steps, cfg.schedule.train_epochs,
                 run.steps_per_epoch, run.stream.global_batch_size, run.lr)
     try:
-        run.run()
+        code = run.run()
     finally:
         run.log.close()
+    if code:
+        barrier()
+        return code
     evals = [h for h in run.history if h.get("event") == "eval"]
     final = evals[-1] if evals else None
     source = run.info.get("source") or cfg.model.weights

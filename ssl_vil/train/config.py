@@ -1,4 +1,5 @@
-"""Config sections of the trainer's own components: ``guards:`` (:mod:`ssl_vil.train.guards`) and
+"""Config sections of the trainer's own components: ``guards:`` (:mod:`ssl_vil.train.guards`; fine-tuning uses its
+step-guard part) and
 ``knn_monitor:`` (:mod:`ssl_vil.train.knn_monitor`).
 
 They live here, not in those modules, because the run config composes them and the k-NN monitor imports the run
@@ -16,28 +17,39 @@ from ssl_vil.eval.options import DEFAULT_CROP_PCT
 
 
 @dataclass(kw_only=True, slots=True)
-class GuardConfig(Config):
-    """Step guards: non-finite values (skip the step or halt), loss / grad-norm spikes (z-score over a window),
-    teacher collapse (entropy / ln K above ``collapse_ratio`` for ``collapse_window_steps``), hang watchdog."""
+class StepGuardConfig(Config):
+    """What the step guard does with a step's losses and gradient norm: non-finite values skip the step or halt
+    the run; a loss / grad-norm spike (z-score over the last accepted steps) skips it. Pretraining and
+    fine-tuning share it."""
 
     nonfinite_policy: Literal["skip", "halt"] = "skip"
     max_consecutive_skips: int = 3
     spike_detection: bool = True
     spike_window_steps: int = 50
     spike_z_threshold: float = 6.0
-    collapse_ratio: float = 0.95  # teacher entropy / ln K
-    collapse_window_steps: int = 200
-    watchdog_timeout_s: float = 1800.0
 
     def validate(self) -> None:
         if self.max_consecutive_skips < 0:
             raise invalid("max_consecutive_skips", self.max_consecutive_skips, "a non-negative integer")
         if self.spike_window_steps < 2:
             raise invalid("spike_window_steps", self.spike_window_steps, "at least 2 steps")
-        if self.collapse_window_steps <= 0:
-            raise invalid("collapse_window_steps", self.collapse_window_steps, "a positive number of steps")
         if self.spike_z_threshold <= 0:
             raise invalid("spike_z_threshold", self.spike_z_threshold, "a positive z-score")
+
+
+@dataclass(kw_only=True, slots=True)
+class GuardConfig(StepGuardConfig):
+    """Pretraining's guards: the step guard's, plus teacher collapse (entropy / ln K above ``collapse_ratio`` for
+    ``collapse_window_steps``) and the hang watchdog."""
+
+    collapse_ratio: float = 0.95  # teacher entropy / ln K
+    collapse_window_steps: int = 200
+    watchdog_timeout_s: float = 1800.0
+
+    def validate(self) -> None:
+        StepGuardConfig.validate(self)  # explicit: zero-argument super() fails in slotted dataclasses
+        if self.collapse_window_steps <= 0:
+            raise invalid("collapse_window_steps", self.collapse_window_steps, "a positive number of steps")
         if not 0.0 < self.collapse_ratio <= 1.0:
             raise invalid("collapse_ratio", self.collapse_ratio, "a ratio in (0, 1]")
         if self.watchdog_timeout_s <= 0:
