@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 # The exit statuses of a run saved for a requeue / stopped by Ctrl-C (torch-free, shared with the CLI).
 from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
+from ssl_vil.infra.hard_exit import exit_now
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -85,9 +86,10 @@ class PreemptionFlag:
             return  # a forked DataLoader worker before its init function ignores SIGINT: the parent handles it
         if self.interrupted:
             os.write(2, _SECOND_INTERRUPT_NOTICE)
-            # At once: no cleanup that could block (worker joins, collectives). The run dir lock is released by
+            # At once: no cleanup that could block (worker joins, collectives); the workers are killed first so none
+            # prints a connection-reset traceback after this notice. The run dir lock is released by
             # the kernel with the process, and checkpoints are written atomically, so nothing is left half-done.
-            os._exit(INTERRUPT_EXIT_CODE)
+            exit_now(INTERRUPT_EXIT_CODE)
         self.interrupted = True
         self.signum = signum
         if self.announce:

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from ssl_vil.infra.hard_exit import exit_now
+
 HANG_EXIT_CODE = 86
 
 
@@ -103,4 +105,4 @@ class HangWatchdog:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
-        os._exit(self.exit_code)
+        exit_now(self.exit_code)
