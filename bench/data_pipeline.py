@@ -4,14 +4,16 @@ Both pipelines decode the same JPEGs (synthetic 500x375, quality 90) and produce
 (2 x 224 px global + 6 x 96 px local). Rows, measured side by side in one run (rounds interleaved, median):
 
 - ``ours``: WebDataset shards from ``make_shards`` -> ``build_train_stream`` (epoch mode) with the project's
-  ``build_multicrop("dino", n_local=6)``;
+  ``build_multicrop("dino", n_local=6)`` (default kernels: the exact numba ports of the PIL ops);
+- ``ours-pil``: the same with ``kernels="pil"`` (torchvision's PIL functionals: identical views, the old speed);
 - ``ours+lightly``: the same stream with lightly's ``DINOTransform`` (isolates the data path);
 - ``baseline``: ``torchvision.datasets.ImageFolder`` + ``DINOTransform`` in a plain ``DataLoader``.
 
-Each pipeline runs ``--workers`` DataLoader workers with one torch thread each; samples/s per worker is printed,
-then the ratios ``ours / baseline`` (target >= 1.5) and ``ours+lightly / baseline``.
+Each pipeline runs ``--workers`` DataLoader workers (one run per count given, 1 and 2 by default) with one torch
+thread each; samples/s per worker is printed, then per worker count the ratios ``ours / baseline`` (target >= 1.5),
+``ours-pil / baseline`` and ``ours+lightly / baseline``.
 
-    python bench/data_pipeline.py [--images 192] [--workers 1] [--rounds 3] [--batch-size 16]
+    python bench/data_pipeline.py [--images 192] [--workers 1 2] [--rounds 3] [--batch-size 16]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def time_loader(batches, expected: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=192)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
@@ -74,6 +76,7 @@ def main() -> None:
 
     dino = DINOTransform(global_crop_size=224, local_crop_size=96, n_local_views=6)
     ours_tf = build_multicrop("dino", global_size=224, local_size=96, n_local=6)
+    ours_pil = build_multicrop("dino", global_size=224, local_size=96, n_local=6, kernels="pil")
 
     def lightly_with_generator(image, generator):
         return dino(image)
@@ -83,32 +86,38 @@ def main() -> None:
         make_images(folder, args.images)
         make_shards(str(folder), shards, maxcount=max(1, args.images // 8), progress=False)
         n = args.images - args.images % args.batch_size
+        print(f"images={args.images} batch={args.batch_size} rounds={args.rounds} torch={torch.__version__} "
+              f"views=2x224+6x96 kernels={ours_tf.kernels}")
+        summary = []
+        for workers in args.workers:
 
-        def stream(transform):
-            return build_train_stream(shards, batch_size=args.batch_size, seed=0, rank=0, world_size=1,
-                                      num_workers=args.workers, transform=transform, error_budget_fraction=None,
-                                      drop_last=True)
+            def stream(transform, workers=workers):
+                return build_train_stream(shards, batch_size=args.batch_size, seed=0, rank=0, world_size=1,
+                                          num_workers=workers, transform=transform, error_budget_fraction=None,
+                                          drop_last=True)
 
-        def baseline():
-            dataset = ImageFolder(str(folder), transform=dino)
-            return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                              drop_last=True, worker_init_fn=_one_thread)
+            def baseline(workers=workers):
+                dataset = ImageFolder(str(folder), transform=dino)
+                return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=workers,
+                                  drop_last=True, worker_init_fn=_one_thread)
 
-        rows = {"ours": lambda: stream(ours_tf), "ours+lightly": lambda: stream(lightly_with_generator),
-                "baseline": baseline}
-        rates: dict[str, list[float]] = {name: [] for name in rows}
-        for _ in range(args.rounds):
-            for name, build in rows.items():
-                rates[name].append(time_loader(build(), n))
-        per_worker = {name: statistics.median(r) / max(1, args.workers) for name, r in rates.items()}
-        print(f"images={args.images} workers={args.workers} batch={args.batch_size} rounds={args.rounds} "
-              f"torch={torch.__version__} views=2x224+6x96")
-        for name, rate in per_worker.items():
-            spread = ", ".join(f"{r / max(1, args.workers):.1f}" for r in rates[name])
-            print(f"{name:>13}: {rate:7.1f} samples/s per worker (rounds: {spread})")
-        print(f"ratio ours / baseline         = {per_worker['ours'] / per_worker['baseline']:.2f}  (target >= 1.5)")
-        print(f"ratio ours+lightly / baseline = {per_worker['ours+lightly'] / per_worker['baseline']:.2f}"
-              "  (data path alone)")
+            rows = {"ours": lambda: stream(ours_tf), "ours-pil": lambda: stream(ours_pil),
+                    "ours+lightly": lambda: stream(lightly_with_generator), "baseline": baseline}
+            rates: dict[str, list[float]] = {name: [] for name in rows}
+            for _ in range(args.rounds):
+                for name, build in rows.items():
+                    rates[name].append(time_loader(build(), n))
+            per_worker = {name: statistics.median(r) / max(1, workers) for name, r in rates.items()}
+            print(f"workers={workers}")
+            for name, rate in per_worker.items():
+                spread = ", ".join(f"{r / max(1, workers):.1f}" for r in rates[name])
+                print(f"{name:>13}: {rate:7.1f} samples/s per worker (rounds: {spread})")
+            ratios = {name: per_worker[name] / per_worker["baseline"] for name in ("ours", "ours-pil", "ours+lightly")}
+            summary.append((workers, ratios))
+        for workers, ratios in summary:
+            print(f"workers={workers}: ratio ours / baseline = {ratios['ours']:.2f} (target >= 1.5); "
+                  f"ours-pil / baseline = {ratios['ours-pil']:.2f}; ours+lightly / baseline = "
+                  f"{ratios['ours+lightly']:.2f} (data path alone)")
 
 
 if __name__ == "__main__":

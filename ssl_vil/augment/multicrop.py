@@ -9,21 +9,31 @@ saturation, hue in a random order) with p_jitter -> grayscale with p_gray -> Gau
 global view only) -> normalise. The first global view uses ``blur_probs[0]``, every further global view
 ``blur_probs[1]`` (and solarization), local views ``blur_probs[2]``. Jitter strength applies to all views.
 
-The image operations run on PIL images, as in DINO: on one data-loader thread the PIL kernels for hue and
-blur are several times faster than their tensor counterparts.
+Two interchangeable back ends render a view (``MultiCropConfig.kernels``), with identical outputs, bit for bit:
+
+- ``"pil"``: torchvision's PIL functionals, as DINO (and lightly's ``DINOTransform``) run them;
+- ``"numba"``: the crop and bicubic resize still in PIL, then every colour op, the blur, solarize, flip and the
+  normalisation as exact uint8 ports of Pillow's C code (:mod:`ssl_vil.augment.fast_ops`) on one array:
+  1.6-1.8x fewer CPU seconds per sample at DINO's 2x224 + 6x96 px (hue through tables instead of a float HSV
+  image, no ``split`` / ``merge`` / PIL <-> tensor round trips). ``"auto"`` (default) picks it when numba imports.
+
+Both draw nothing: the sampled parameters, and so the distribution of augmentations, are the same by
+construction, and ``tests/test_augment_fast_ops.py`` checks the rendered views are equal.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from ssl_vil.augment import sampling
+from ssl_vil.augment import fast_ops, sampling
 from ssl_vil.augment.presets import IMAGENET_MEAN, IMAGENET_STD
 
 # DINO's colour-jitter magnitudes (brightness, contrast, saturation, hue) at strength 1.
@@ -39,6 +49,7 @@ class MultiCropConfig:
     ``blur_probs`` = (first global, other globals, locals). ``dinov2_blur_bug`` reproduces the inverted
     probability of DINOv2's released training (p -> 1 - p: effectively 0.0 / 0.9 / 0.5). ``blur_sigma`` is the
     range of the PIL blur radius in output-view pixels; ``None`` scales DINO's (0.1, 2.0) by global_size / 224.
+    ``kernels``: "pil", "numba" (same pixels, faster; see the module docstring) or "auto" (numba when installed).
     """
 
     global_size: int = 224
@@ -59,8 +70,13 @@ class MultiCropConfig:
     solarize_prob: float = 0.2
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kernels not in ("auto", "numba", "pil"):
+            raise ValueError(f"MultiCropConfig.kernels must be 'auto', 'numba' or 'pil', got {self.kernels!r}")
+        if self.kernels == "numba" and not fast_ops.AVAILABLE:
+            raise ValueError("MultiCropConfig.kernels='numba' needs the numba package")
         if self.n_global < 1 or self.n_local < 0:
             raise ValueError(f"need n_global >= 1 and n_local >= 0, got {self.n_global}, {self.n_local}")
         if self.global_size < 1 or self.local_size < 1:
@@ -120,6 +136,21 @@ class MultiCropTransform:
 
     def __init__(self, cfg: MultiCropConfig) -> None:
         self.cfg = cfg
+        self.kernels = "numba" if cfg.kernels == "auto" and fast_ops.AVAILABLE else cfg.kernels
+        if self.kernels == "numba" and len(cfg.mean) != 3:
+            if cfg.kernels == "numba":
+                raise ValueError("MultiCropConfig.kernels='numba' needs 3-channel mean / std")
+            self.kernels = "pil"
+        if self.kernels == "numba":
+            self._table = fast_ops.normalize_table(cfg.mean, cfg.std)
+            try:
+                fast_ops.warmup()  # compile / load once here, so forked DataLoader workers inherit the code
+            except Exception as err:  # a broken numba install: "auto" falls back to the (identical) PIL path
+                if cfg.kernels == "numba":
+                    raise
+                warnings.warn(f"multi-crop: numba kernels failed to compile ({err!r}); using the PIL path",
+                              RuntimeWarning, stacklevel=2)
+                self.kernels = "pil"
 
     def sample_params(self, generator: torch.Generator, image_size: tuple[int, int]) -> MultiCropParams:
         """Draw all random decisions for an image of (width, height) ``image_size`` (PIL order)."""
@@ -193,7 +224,27 @@ class MultiCropTransform:
     def apply(self, image: Image.Image | Tensor, params: MultiCropParams) -> list[Tensor]:
         """Render the views described by ``params`` (deterministic)."""
         rgb = _to_rgb_pil(image)
-        return [self._apply_view(rgb, view) for view in params.views]
+        render = self._apply_view_fast if self.kernels == "numba" else self._apply_view
+        return [render(rgb, view) for view in params.views]
+
+    def _apply_view_fast(self, image: Image.Image, p: ViewParams) -> Tensor:
+        """:meth:`_apply_view` with :mod:`fast_ops` kernels (same pixels; the flip is applied last, which every
+        later op commutes with: they act per pixel, through a global mean, or as a symmetric clamped filter)."""
+        top, left, h, w = p.crop
+        x = image.crop((left, top, left + w, top + h))
+        if x.size != (p.size, p.size):
+            x = x.resize((p.size, p.size), Image.BICUBIC)
+        pixels = np.array(x)
+        if p.jitter:
+            for op in p.jitter_order:
+                _FAST_JITTER_OPS[op](pixels, p.jitter_factors[op])
+        if p.gray:
+            fast_ops.to_grayscale(pixels)
+        if p.blur:
+            fast_ops.gaussian_blur(pixels, p.blur_sigma)
+        if p.solarize:
+            fast_ops.solarize(pixels, 128)
+        return fast_ops.to_normalized_tensor(pixels, self._table, p.flip)
 
     def _apply_view(self, image: Image.Image, p: ViewParams) -> Tensor:
         top, left, h, w = p.crop
@@ -224,6 +275,14 @@ _JITTER_OPS = (
     TF.adjust_contrast,
     TF.adjust_saturation,
     TF.adjust_hue,
+)
+
+
+_FAST_JITTER_OPS = (
+    fast_ops.adjust_brightness,
+    fast_ops.adjust_contrast,
+    fast_ops.adjust_saturation,
+    fast_ops.adjust_hue,
 )
 
 
