@@ -8,6 +8,13 @@ model.json repeats it, so after ``import ssl_vil`` the file alone gives the mode
     model = timm.create_model("vil2_small_patch16_224", pretrained=True,
                               pretrained_cfg_overlay=dict(file="RUN/export/teacher_backbone.safetensors"))
     data_cfg = timm.data.resolve_model_data_config(model)  # the run's input size, mean, std
+
+A timm ViT run (``model.name=vit_small_patch16_224``, ...) exports stock timm keys (the adapter's ``vit.`` prefix
+removed, the iBOT mask token dropped), so stock timm loads it without this package; the architecture kwargs are
+in model.json (``model_kwargs``: img_size, patch_size, embed_dim, depth, num_heads, dynamic_img_size)::
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay=dict(file="RUN/export/teacher_backbone.safetensors"))
 """
 
 from __future__ import annotations
@@ -34,14 +41,50 @@ TEACHER_PREFIX = "teacher.backbone."
 
 def backbone_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """timm constructor overrides for the run's backbone (input size = the global crop size)."""
+    from ssl_vil.backbones.designs import DEFAULT_BLOCK_DESIGN
+
     m = cfg.model
+    if is_vit_run(cfg):  # a timm VisionTransformer (ModelConfig.validate admits nothing else)
+        return vit_backbone_kwargs(cfg)
     kw: dict[str, Any] = {"img_size": cfg.data.augment.global_size, "patch_size": m.patch_size,
                           "mlstm_backend": m.mlstm_backend}
     if m.dim is not None:
         kw["dim"] = m.dim
     if m.depth is not None:
         kw["depth"] = m.depth
+    # Only a non-default design is stated, so the kwargs (and exports, model.json, golden files) of alternating
+    # runs stay what they were; a reader that finds no block_design builds the default.
+    if m.block_design != DEFAULT_BLOCK_DESIGN:
+        kw["block_design"] = m.block_design
+    if cfg.objective.pooling == "middle_cls":
+        kw["cls_token"] = "middle"  # the learned middle token the pooling reads (absent otherwise: keys unchanged)
     return kw
+
+
+def vit_backbone_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """timm constructor overrides of a ViT backbone: input size = the global crop size, ``dynamic_img_size``
+    (position embedding interpolated for local crops), ``model.dim`` as ``embed_dim`` with the registered
+    model's head width (``num_heads = dim // head width``), ``model.depth``."""
+    from ssl_vil.backbones.vit_adapter import vit_facts
+
+    m = cfg.model
+    kw: dict[str, Any] = {"img_size": cfg.data.augment.global_size, "patch_size": m.patch_size,
+                          "dynamic_img_size": True}
+    if m.dim is not None:
+        facts = vit_facts(m.name)
+        assert facts is not None, m.name
+        kw["embed_dim"] = m.dim
+        kw["num_heads"] = max(1, m.dim // (facts["embed_dim"] // facts["num_heads"]))
+    if m.depth is not None:
+        kw["depth"] = m.depth
+    return kw
+
+
+def is_vit_run(cfg: RunConfig) -> bool:
+    """Whether the run's backbone is a timm VisionTransformer (anything but this package's ViL models)."""
+    from ssl_vil.backbones import MODEL_NAMES
+
+    return cfg.model.name not in MODEL_NAMES
 
 
 def architecture_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -52,6 +95,15 @@ def architecture_kwargs(cfg: RunConfig) -> dict[str, Any]:
     import ssl_vil  # noqa: F401  (registers the ViL models)
 
     kw = backbone_kwargs(cfg)
+    if is_vit_run(cfg):
+        from ssl_vil.backbones.vit_adapter import vit_facts
+
+        facts = vit_facts(cfg.model.name)
+        assert facts is not None, cfg.model.name
+        kw.setdefault("embed_dim", facts["embed_dim"])
+        kw.setdefault("num_heads", facts["num_heads"])
+        kw.setdefault("depth", facts["depth"])
+        return kw
     if "dim" not in kw or "depth" not in kw:
         import torch
 
@@ -126,6 +178,10 @@ def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     cfg = load_config(run_dir / "config.yaml", world_size=1)
     step_dir = _find_step_dir(run_dir, step)
     sd = teacher_backbone_state(_load_checkpoint_objective(step_dir))
+    if is_vit_run(cfg):
+        from ssl_vil.backbones.vit_adapter import timm_state_dict
+
+        sd = timm_state_dict(sd)  # stock timm keys, mask token dropped: loads into timm without this package
     out = run_dir / "export"
     info = model_info(cfg) | {"step": int(step_dir.name.split("_")[-1])}
     metadata = export_metadata(info["architecture"], info["model_kwargs"], input_size=tuple(info["input_size"]),
@@ -156,6 +212,20 @@ def build_backbone(info: dict[str, Any]) -> nn.Module:
     return timm.create_model(info["model"], pretrained=False, num_classes=0, **info["kwargs"])
 
 
+def _load_weights(net: nn.Module, source: Any) -> None:
+    """Strict load of a ViL (any supported checkpoint format) or of a plain timm ViT (a run's adapter state or an
+    export)."""
+    from ssl_vil.backbones import load_backbone_weights
+    from ssl_vil.backbones.vision_lstm import _VisionLSTMBase
+
+    if isinstance(net, _VisionLSTMBase):
+        load_backbone_weights(net, source)
+    else:
+        from ssl_vil.backbones.vit_adapter import load_vit_weights
+
+        load_vit_weights(net, source)
+
+
 def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kwargs: Any
                              ) -> tuple[nn.Module, dict[str, Any]]:
     """Teacher backbone (eval mode, no classifier) and its info, from any of:
@@ -166,7 +236,6 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
     * any other weights file (official released ViL checkpoint, hub state dict, ...) with ``model`` naming the
       timm architecture and ``kwargs`` its overrides.
     """
-    from ssl_vil.backbones import load_backbone_weights
     from ssl_vil.backbones.weights import WeightLoadError, read_export_metadata
     from ssl_vil.config import load_config
 
@@ -197,7 +266,7 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
     else:
         raise FileNotFoundError(f"{path}: expected a run dir, a checkpoint folder or a weights file")
     net = build_backbone(info)
-    load_backbone_weights(net, sd if sd is not None else path)
+    _load_weights(net, sd if sd is not None else path)
     cfg_data = getattr(net, "pretrained_cfg", {}) or {}
     info.setdefault("img_size", info["kwargs"].get("img_size", cfg_data.get("input_size", (3, 224, 224))[-1]))
     info.setdefault("mean", list(cfg_data.get("mean", (0.485, 0.456, 0.406))))

@@ -187,7 +187,9 @@ def layer_decay_scales(backbone: nn.Module, layer_decay: float) -> dict[str, flo
     """lr scale per backbone parameter name: ``layer_decay ** (n_groups - layer_id)``.
 
     Layer ids come from the backbone's timm ``group_matcher(coarse=True)``: for ViL the stem (patch/pos
-    embed, mask token) is 0 and block pair i is i + 1 (the final norm joins the last pair). ``n_groups`` is
+    embed, mask token, middle token) is 0 and block pair i is i + 1 (the final norm joins the last pair); for a
+    timm ViT (:class:`~ssl_vil.backbones.vit_adapter.MaskedViT`) the stem (patch/pos embed, [CLS] and register
+    tokens, mask token) is 0 and transformer block i is i + 1 (the final norm joins the last block). ``n_groups`` is
     one more than the highest id of a *trainable* parameter, so with the classifier path frozen (SSL)
     n_groups = depth + 1: the heads sit one level above the backbone with scale 1, the last block pair gets
     ``layer_decay`` and the stem ``layer_decay ** (depth + 1)`` -- the DINOv2 assignment. Frozen parameters

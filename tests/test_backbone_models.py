@@ -233,7 +233,7 @@ def test_pool_tokens_kinds():
     torch.testing.assert_close(pool_tokens(tokens, "middle"), tokens[:, 2])
     assert [pooled_dim(3, k) for k in ("bilateral_concat", "bilateral_avg", "avg")] == [6, 3, 3]
     with pytest.raises(ValueError, match="unknown pooling"):
-        pool_tokens(tokens, "cls")
+        pool_tokens(tokens, "class_token")  # ("cls" is the ViT pooling now: tests/test_backbone_vit.py)
     with pytest.raises(ValueError, match=r"\(B, S, d\)"):
         pool_tokens(tokens[0], "avg")
 

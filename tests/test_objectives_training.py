@@ -240,8 +240,8 @@ def test_objective_config_checks_itself():
         ObjectiveConfig(shared_head=True, **PRESETS["dino"])
     with pytest.raises(ConfigError, match="^out_dim: got 0, expected a positive integer"):
         DINOHeadConfig(out_dim=0)
-    with pytest.raises(ConfigError, match="^pooling: got 'cls'"):
-        ObjectiveConfig(pooling="cls")
+    with pytest.raises(ConfigError, match="^pooling: got 'class_token'"):
+        ObjectiveConfig(pooling="class_token")  # ('cls' is valid for a ViT; which backbone: RunConfig checks)
     cfg = ObjectiveConfig(koleo_weight=0)  # ints are accepted for float fields and stored as floats
     assert isinstance(cfg.koleo_weight, float) and cfg.uses_ibot and not cfg.uses_koleo
 

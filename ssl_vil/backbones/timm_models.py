@@ -2,7 +2,9 @@
 
 Names: ``vil2_{tiny,small,base}_patch16_224`` (VisionLSTM2, 12 block pairs) and
 ``vil_{tiny,tinyplus,small,smallplus,base}_patch16_224`` (VisionLSTM v1). Every constructor keyword can be
-overridden through ``timm.create_model(name, **kwargs)``. Weights load through timm's machinery with
+overridden through ``timm.create_model(name, **kwargs)``, e.g. ``block_design="quad"`` for the v2 models (the
+traversal design of each sub-block, see :mod:`ssl_vil.backbones.designs`; default "alternating", the official
+model). Weights load through timm's machinery with
 ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` (``checkpoint_filter_fn`` converts official and
 our own formats); pass ``num_classes`` in the overlay equal to the file's head size to keep its classifier
 (timm drops the classifier when the model's and the cfg's class counts differ).
@@ -12,7 +14,8 @@ A ``.safetensors`` written by ``python -m ssl_vil.export`` describes itself: giv
 build the model and its data config (input size, mean, std, crop_pct, interpolation) becomes the model's
 ``pretrained_cfg``, so ``timm.data.resolve_model_data_config(model)`` gives the resolution and normalisation
 the backbone was trained with, and the model has no classifier unless ``num_classes`` is passed. Explicit
-kwargs that contradict the file (say ``dim``) raise ``WeightLoadError`` naming them; ``img_size``,
+kwargs that contradict the file (say ``dim``, or a ``block_design`` other than the file's; a v2 file that states
+none holds the default "alternating") raise ``WeightLoadError`` naming them; ``img_size``,
 ``pooling`` and the mLSTM backend may differ (the position embedding is resized).
 
 The official release URLs (ml.jku.at) are registered as pretrained tags; they use the training-code key
@@ -27,6 +30,7 @@ from typing import Any
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ssl_vil.backbones.designs import DEFAULT_BLOCK_DESIGN
 from ssl_vil.backbones.embed import to_2tuple
 from ssl_vil.backbones.vision_lstm import VisionLSTM, VisionLSTM2
 from ssl_vil.backbones.weights import WeightLoadError, checkpoint_filter_fn, read_export_metadata
@@ -96,7 +100,10 @@ def apply_file_description(model_cls: type, variant: str, kwargs: dict[str, Any]
         raise WeightLoadError(f"{path}: holds a {arch} backbone; load it with timm.create_model({arch!r}, "
                               f"pretrained=True, pretrained_cfg_overlay=dict(file=...)), not {variant!r}")
     file_kwargs = dict(described["model_kwargs"])
-    conflicts = [f"{k}={kwargs[k]!r} (the file was trained with {k}={v!r})" for k, v in file_kwargs.items()
+    # Exports state block_design only when it is not the default, so a v2 file without it holds that default.
+    implied = {"block_design": DEFAULT_BLOCK_DESIGN} if model_cls is VisionLSTM2 else {}
+    conflicts = [f"{k}={kwargs[k]!r} (the file was trained with {k}={v!r})"
+                 for k, v in {**implied, **file_kwargs}.items()
                  if k in kwargs and k not in RUNTIME_KWARGS and _normalised(kwargs[k]) != _normalised(v)]
     if conflicts:
         raise WeightLoadError(f"{path}: the arguments {', '.join(conflicts)} contradict the exported {arch}; "

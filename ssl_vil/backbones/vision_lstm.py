@@ -9,6 +9,8 @@ Differences from the official hub classes (all behaviour-preserving for the rele
     inputs and ``stride`` work for both classes (the official v2 reshapes with the constructor's grid);
   * ``mlstm_backend`` selects the quadratic (official) or the linear-time chunkwise mLSTM, same function;
   * an optional learned ``mask_token`` (iBOT-style masked inputs), created only when asked for;
+  * an optional learned middle [CLS] token (``cls_token="middle"``: inserted at index S // 2 of the S patch
+    tokens, pooling ``middle_cls``; the Vision-LSTM paper's pooling ablation), created only when asked for;
   * extra poolings ("avg", "first", "last", "middle") and ``drop_rate`` (dropout before the head).
 
 Norm roles (official naming, see the spec's section 3.1):
@@ -28,11 +30,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssl_vil.backbones.designs import DEFAULT_BLOCK_DESIGN, check_block_design
 from ssl_vil.backbones.drop_path import drop_path_rates
 from ssl_vil.backbones.embed import PatchEmbed, PosEmbed2d, to_2tuple
 from ssl_vil.backbones.mlstm_cell import check_backend
 from ssl_vil.backbones.norms import ResidualLayerNorm
-from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens, pooled_dim
+from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens, pooled_dim, token_layout
 from ssl_vil.backbones.vil_block import ViLBlock, ViLBlockPair
 from ssl_vil.backbones.vil_layer import ViLLayer
 
@@ -62,6 +65,7 @@ class _VisionLSTMBase(nn.Module):
         mlstm_backend: str = "auto",
         mlstm_chunk_size: int = 64,
         mask_token: bool = False,
+        cls_token: str | None = None,
     ) -> None:
         super().__init__()
         self.img_size = to_2tuple(img_size)
@@ -82,6 +86,19 @@ class _VisionLSTMBase(nn.Module):
             self.mask_token = nn.Parameter(torch.zeros(1, dim))
         else:
             self.register_parameter("mask_token", None)
+        if cls_token not in (None, "middle"):
+            raise ValueError(f"cls_token must be None or 'middle', got {cls_token!r}")
+        # A learned token inserted at index S // 2 of the S patch tokens (the Vision-LSTM paper's middle [CLS]).
+        self.cls_token_position = cls_token
+        if cls_token == "middle":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+            with torch.random.fork_rng(devices=[]):  # the other parameters initialise as without the token
+                nn.init.trunc_normal_(self.cls_token, std=0.02)
+        else:
+            self.register_parameter("cls_token", None)
+        if self.global_pool == "cls" or (self.global_pool == "middle_cls" and cls_token != "middle"):
+            raise ValueError(f"pooling {pooling!r} needs a class token: ViL has none ('cls' is a ViT pooling), "
+                             "'middle_cls' needs cls_token='middle'")
         self.patch_embed = PatchEmbed(dim, self.patch_size, in_chans=in_chans, stride=stride)
         # The stored grid is image // patch even with an overlapping stride (official layout); it is resized
         # to the runtime grid in forward.
@@ -145,8 +162,29 @@ class _VisionLSTMBase(nn.Module):
                 )
             masks = masks.reshape(batch, height, width, 1)
             x = torch.where(masks, self.mask_token.to(x.dtype), x)
-        x = self.pos_embed(x)
-        return x.flatten(1, 2), (height, width)
+        x = self.pos_embed(x).flatten(1, 2)
+        if self.cls_token is not None:
+            x = self._insert_middle_token(x)
+        return x, (height, width)
+
+    def _insert_middle_token(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, S, d) -> (B, S + 1, d) with the learned token at index S // 2 (after the masking and
+        the position embedding, which apply to patches only)."""
+        seqlen = x.shape[1]
+        if seqlen % 2 and isinstance(self, VisionLSTM2):
+            # The v2 grid conv finds the token at the centre of the sequence in both row directions, which is
+            # index S // 2 only for an even number of patches.
+            raise ValueError(f"cls_token='middle' needs an even number of patches for VisionLSTM2, got {seqlen}")
+        index = seqlen // 2
+        token = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([x[:, :index], token, x[:, index:]], dim=1)
+
+    def _patch_part(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S [+ 1], d) -> the (B, S, d) patch tokens (the middle token removed, if the model has one)."""
+        if self.cls_token is None:
+            return x
+        index = (x.shape[1] - 1) // 2
+        return torch.cat([x[:, :index], x[:, index + 1:]], dim=1)
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
@@ -154,10 +192,11 @@ class _VisionLSTMBase(nn.Module):
         return block(x, grid)
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Image (B, C, H, W) -> final-norm tokens (B, S, d), S = h * w row-major (top-left first).
+        """Image (B, C, H, W) -> final-norm tokens (B, S, d), S = h * w row-major (top-left first); with
+        ``cls_token="middle"`` (B, S + 1, d), the learned token at index S // 2.
 
-        ``masks``: optional bool (B, h, w) or (B, S); True replaces that patch embedding by ``mask_token``
-        (before the position embedding).
+        ``masks``: optional bool (B, h, w) or (B, S) over the patches; True replaces that patch embedding by
+        ``mask_token`` (before the position embedding).
         """
         x, grid = self._embed(x, masks)
         for block in self.blocks:
@@ -167,7 +206,7 @@ class _VisionLSTMBase(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Final-norm tokens (B, S, d) -> logits (B, num_classes), or the (normed) pooled features
         (B, head_hidden_size) if ``pre_logits``."""
-        x = pool_tokens(x, self.global_pool)
+        x = pool_tokens(x, self.global_pool, token_layout(self))
         if self.head_norm is not None:
             x = self.head_norm(x)
         x = self.head_drop(x)
@@ -212,7 +251,8 @@ class _VisionLSTMBase(nn.Module):
                 intermediates.append(self.final_norm(x) if norm else x)
         if output_fmt == "NCHW":
             intermediates = [
-                y.reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous() for y in intermediates
+                self._patch_part(y).reshape(y.shape[0], grid[0], grid[1], -1).permute(0, 3, 1, 2).contiguous()
+                for y in intermediates
             ]
         if output_dict:
             result: dict[str, Any] = {"image_intermediates": intermediates}
@@ -242,6 +282,8 @@ class _VisionLSTMBase(nn.Module):
         names = {"pos_embed.embed"}
         if self.mask_token is not None:
             names.add("mask_token")
+        if self.cls_token is not None:
+            names.add("cls_token")
         return names
 
     @torch.jit.ignore
@@ -255,7 +297,7 @@ class _VisionLSTMBase(nn.Module):
             block_rules.append((r"^blocks\.(\d*[13579])\.", (99999,)))
         block_rules.append((r"^blocks\.(\d+)\.", None))
         block_rules.append((rf"^{self._final_norm_name}\.", (99999,)))
-        return dict(stem=r"^mask_token|^patch_embed|^pos_embed", blocks=block_rules)
+        return dict(stem=r"^mask_token|^cls_token|^patch_embed|^pos_embed", blocks=block_rules)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -283,12 +325,15 @@ class _VisionLSTMBase(nn.Module):
 class VisionLSTM2(_VisionLSTMBase):
     """Vision-LSTM v2. Input (B, C, H, W); ``depth`` = number of block pairs (official ViL-T/S/B: 12).
 
-    Block pair = top-left -> bottom-right sub-block, then the reversed one; depthwise 3x3 conv on the grid;
-    biases in projections and norms. Default pooling: bilateral concat (official "bilateral_flatten").
+    Block pair = top-left -> bottom-right sub-block, then the reversed one (``block_design="alternating"``, the
+    official model); depthwise 3x3 conv on the grid; biases in projections and norms. Default pooling: bilateral
+    concat (official "bilateral_flatten").
 
     Args (besides the base's): depth, drop_path_rate, drop_path_decay (linear ramp over pairs), legacy_norm
     (pre-head LayerNorm, needed by every released checkpoint), init_weights ("original": proj_down init with
-    num_blocks=1 as trained; "original-fixed": num_blocks = 2 * depth).
+    num_blocks=1 as trained; "original-fixed": num_blocks = 2 * depth), block_design (the traversals of each
+    sub-block: "alternating", "uni", "bi", "bi_shared", "quad", "quad_shared"; see
+    :mod:`ssl_vil.backbones.designs`; every design keeps ``depth`` pairs of two residual sub-blocks).
     """
 
     _final_norm_name = "norm"
@@ -314,7 +359,10 @@ class VisionLSTM2(_VisionLSTMBase):
         mlstm_chunk_size: int = 64,
         mask_token: bool = False,
         conv_kind: str = "2d",
+        block_design: str = DEFAULT_BLOCK_DESIGN,
+        cls_token: str | None = None,
     ) -> None:
+        check_block_design(block_design)
         if conv_kind != "2d":
             raise ValueError(
                 f"VisionLSTM2 supports conv_kind='2d' only (no released model uses another), got {conv_kind!r}"
@@ -326,14 +374,15 @@ class VisionLSTM2(_VisionLSTMBase):
         super().__init__(img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans,
                          num_classes=num_classes, dim=dim, pooling=global_pool or pooling, drop_rate=drop_rate,
                          legacy_norm=legacy_norm, mlstm_backend=mlstm_backend, mlstm_chunk_size=mlstm_chunk_size,
-                         mask_token=mask_token)
+                         mask_token=mask_token, cls_token=cls_token)
         self.depth = depth
         self.init_weights = init_weights
+        self.block_design = block_design
         proj_down_blocks = 1 if init_weights == "original" else 2 * depth
         rates = drop_path_rates(depth, drop_path_rate, "linear" if drop_path_decay else "uniform")
         self.blocks = nn.ModuleList(
-            ViLBlockPair(dim, drop_path=rate, bias=True, conv_kind="2d", proj_down_blocks=proj_down_blocks,
-                         backend=mlstm_backend, chunk_size=mlstm_chunk_size)
+            ViLBlockPair(dim, drop_path=rate, design=block_design, bias=True, conv_kind="2d",
+                         proj_down_blocks=proj_down_blocks, backend=mlstm_backend, chunk_size=mlstm_chunk_size)
             for rate in rates
         )
         self.feature_info = self._feature_info()
@@ -374,13 +423,14 @@ class VisionLSTM(_VisionLSTMBase):
         mlstm_backend: str = "auto",
         mlstm_chunk_size: int = 64,
         mask_token: bool = False,
+        cls_token: str | None = None,
     ) -> None:
         if init_weights not in INIT_WEIGHTS:
             raise ValueError(f"init_weights must be one of {INIT_WEIGHTS}, got {init_weights!r}")
         super().__init__(img_size=img_size, patch_size=patch_size, stride=stride, in_chans=in_chans,
                          num_classes=num_classes, dim=dim, pooling=global_pool or pooling, drop_rate=drop_rate,
                          legacy_norm=legacy_norm, mlstm_backend=mlstm_backend, mlstm_chunk_size=mlstm_chunk_size,
-                         mask_token=mask_token)
+                         mask_token=mask_token, cls_token=cls_token)
         self.depth = depth
         self.init_weights = init_weights
         proj_down_blocks = 1 if init_weights == "original" else depth

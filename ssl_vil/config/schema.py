@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ssl_vil.augment.presets import AugmentConfig
+from ssl_vil.backbones.designs import BLOCK_DESIGNS, DEFAULT_BLOCK_DESIGN
 from ssl_vil.backbones.pooling import pooled_dim
 from ssl_vil.checkpoint.config import CheckpointConfig
 from ssl_vil.config.engine import Config
@@ -40,7 +41,9 @@ from ssl_vil.train.config import GuardConfig, KnnMonitorConfig
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig(Config):
-    """The ViL backbone: a registered timm model name plus constructor overrides."""
+    """The backbone: a registered ViL model or any timm VisionTransformer (``vit_small_patch16_224``, ...), plus
+    constructor overrides. For a ViT, ``dim`` is its ``embed_dim`` (heads of the registered model's width),
+    ``depth`` its number of blocks; ``mlstm_backend`` and ``block_design`` apply to ViL only."""
 
     name: str = "vil2_small_patch16_224"
     patch_size: int = 16
@@ -49,16 +52,18 @@ class ModelConfig(Config):
     drop_path_rate: float = 0.0
     mlstm_backend: Literal["auto", "parallel", "chunkwise"] = "auto"
     grad_checkpointing: bool = False
+    # The traversal design of every v2 sub-block (ssl_vil.backbones.designs); "alternating" is the official ViL.
+    block_design: str = DEFAULT_BLOCK_DESIGN
 
     def validate(self) -> None:
         from ssl_vil.backbones import MODEL_NAMES
 
         # The package's own models need no timm import (a config check stays fast); others are looked up in timm.
-        if self.name not in MODEL_NAMES and self.name not in (models := _known_models()):
-            near = difflib.get_close_matches(self.name, models, n=1)
+        if self.name not in MODEL_NAMES and self.name not in (models := _known_models()) and not _is_vit(self.name):
+            near = difflib.get_close_matches(self.name, models + _vit_names(), n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ConfigError(f"got {self.name!r}, expected a registered ViL model: {', '.join(models)}{hint}",
-                              key="name")
+            raise ConfigError(f"got {self.name!r}, expected a registered ViL model ({', '.join(models)}) or a timm "
+                              f"VisionTransformer (e.g. vit_small_patch16_224){hint}", key="name")
         if self.patch_size <= 0:
             raise invalid("patch_size", self.patch_size, "a positive integer")
         for name in ("dim", "depth"):
@@ -67,6 +72,22 @@ class ModelConfig(Config):
                 raise invalid(name, value, "a positive integer or null")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise invalid("drop_path_rate", self.drop_path_rate, "a value in [0, 1)")
+        if self.dim is not None and self.name not in MODEL_NAMES:
+            from ssl_vil.backbones.vit_adapter import vit_facts
+
+            facts = vit_facts(self.name)
+            head_width = facts["embed_dim"] // facts["num_heads"] if facts else 0
+            if head_width and self.dim % head_width:
+                raise invalid("dim", self.dim, f"a multiple of {head_width}, the attention head width of "
+                              f"{self.name} (the ViT keeps it: num_heads = dim // {head_width})")
+        if self.block_design not in BLOCK_DESIGNS:
+            near = difflib.get_close_matches(self.block_design, BLOCK_DESIGNS, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise invalid("block_design", self.block_design, "one of " + ", ".join(BLOCK_DESIGNS) + hint)
+        if self.block_design != DEFAULT_BLOCK_DESIGN and not self.name.startswith("vil2_"):
+            raise invalid("block_design", self.block_design,
+                          f"{DEFAULT_BLOCK_DESIGN!r}: block designs exist for the v2 ViL models (vil2_*) only, "
+                          f"not {self.name}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -220,6 +241,7 @@ class RunConfig(Config):
         for key, size in sizes:
             if size % m.patch_size:
                 raise invalid(key, size, f"a multiple of model.patch_size={m.patch_size}")
+        _resolve_pooling(m, o)
         if o.uses_ibot and o.shared_head:
             dim = _model_width(m)
             if pooled_dim(dim, o.pooling) != dim:
@@ -235,6 +257,44 @@ def _known_models() -> list[str]:
     import ssl_vil.backbones  # noqa: F401  (registers the ViL family)
 
     return sorted(set(timm.list_models("vil*")))
+
+
+def _is_vit(name: str) -> bool:
+    from ssl_vil.backbones.vit_adapter import is_vit_model
+
+    return is_vit_model(name)
+
+
+def _vit_names() -> list[str]:
+    import timm
+
+    return sorted(timm.list_models("vit_*"))
+
+
+def _resolve_pooling(m: ModelConfig, o: ObjectiveConfig) -> None:
+    """State ``objective.pooling`` (auto: the backbone's default) and check it applies to the backbone: ViL
+    poolings on a ViL (``middle_cls`` adds its middle token), ``cls`` / ``avg`` on a ViT."""
+    from ssl_vil.backbones import MODEL_NAMES
+    from ssl_vil.backbones.pooling import allowed_poolings
+
+    if m.name in MODEL_NAMES:
+        allowed, family = allowed_poolings(is_vit=False), "a ViL backbone"
+    else:
+        from ssl_vil.backbones.vit_adapter import vit_facts
+
+        facts = vit_facts(m.name) or {}
+        allowed = allowed_poolings(is_vit=True, has_class_token=facts.get("has_class_token", True))
+        family = f"the ViT {m.name}"
+    if o.pooling == "auto":
+        o.pooling = allowed[0]
+    elif o.pooling not in allowed:
+        raise ConfigError(f"got {o.pooling!r}, which does not apply to {family}; expected one of "
+                          f"{', '.join(allowed)}", key="objective.pooling")
+    design = getattr(m, "block_design", "alternating")
+    if o.pooling == "middle_cls" and design.startswith("quad"):
+        raise ConfigError(f"got 'middle_cls', but the middle token has no place in the column traversals of "
+                          f"model.block_design={design!r}; expected another pooling or a row-wise design "
+                          f"(alternating, uni, bi, bi_shared)", key="objective.pooling")
 
 
 def _model_width(m: ModelConfig) -> int:

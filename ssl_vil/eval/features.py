@@ -1,8 +1,8 @@
 """Frozen-backbone features for evaluation: pooled "[CLS]" / "[AVG]" vectors and per-block-pair grids.
 
 ViL has no class token. "[CLS]" is the model's bilateral pooling of the final-norm tokens (v2: concat of the
-first and last token, (B, 2d)); "[AVG]" is the mean of all final-norm tokens, (B, d). Both are taken before
-any classifier-side norm, i.e. what the SSL heads see.
+first and last patch token, (B, 2d)); a ViT's is its class token. "[AVG]" is the mean of the final-norm patch
+tokens, (B, d). Both are taken before any classifier-side norm, i.e. what the SSL heads see.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vil.backbones.pooling import canonical_pooling, pool_tokens
+from ssl_vil.backbones.pooling import TokenLayout, canonical_pooling, pool_tokens, token_layout
 from ssl_vil.eval.options import FEATURE_SPECS  # noqa: F401  (defined torch-free for the CLI parser)
 from ssl_vil.eval.progress import Progress
 from ssl_vil.infra.dist import all_gather_object, is_distributed
@@ -23,41 +23,58 @@ from ssl_vil.infra.precision import autocast
 
 
 def cls_pooling_of(model: nn.Module, info: Mapping[str, Any] | None = None) -> str:
-    """Pooling that defines "[CLS]": the run's pooling from ``info``, else the model's, else bilateral concat."""
-    kind = (info or {}).get("pooling") or getattr(model, "global_pool", None) or "bilateral_concat"
+    """Pooling that defines "[CLS]": the run's pooling from ``info``, else the model's own.
+
+    A ViT's [CLS] is its class token; a ViL's is its bilateral concat unless the run pooled otherwise. A run
+    that pooled the mean of the patches has that as its [AVG], so its [CLS] falls back to the class token (ViT) /
+    the bilateral concat (ViL) rather than repeating [AVG].
+    """
+    has_class_token = token_layout(model).has_class_token
+    kind = (info or {}).get("pooling")
+    if kind is None:
+        kind = "cls" if has_class_token else (getattr(model, "global_pool", None) or "bilateral_concat")
     kind = canonical_pooling(kind)
-    return "bilateral_concat" if kind == "avg" else kind
+    if kind == "avg":
+        return "cls" if has_class_token else "bilateral_concat"
+    return kind
 
 
-def pooled_features(tokens: torch.Tensor, spec: str, cls_pooling: str = "bilateral_concat") -> torch.Tensor:
-    """Final-norm tokens (B, S, d) -> features (B, D) for ``spec`` in FEATURE_SPECS (not normalised).
+def pooled_features(tokens: torch.Tensor, spec: str, cls_pooling: str = "bilateral_concat",
+                    layout: TokenLayout | None = None) -> torch.Tensor:
+    """Final-norm tokens (B, L, d) -> features (B, D) for ``spec`` in FEATURE_SPECS (not normalised).
 
-    "cls" -> (B, 2d) for bilateral concat; "avg" -> (B, d); "cls+avg" -> their concat.
+    "cls" -> (B, 2d) for bilateral concat, else (B, d); "avg" -> (B, d), the mean of the patch tokens only (a
+    ViT's class token and a ViL's middle token are left out, as ``layout`` says); "cls+avg" -> their concat.
     """
     if spec not in FEATURE_SPECS:
         raise ValueError(f"unknown feature spec {spec!r}; expected one of {FEATURE_SPECS}")
     parts = []
     if spec in ("cls", "cls+avg"):
-        parts.append(pool_tokens(tokens, cls_pooling))
+        parts.append(pool_tokens(tokens, cls_pooling, layout))
     if spec in ("avg", "cls+avg"):
-        parts.append(pool_tokens(tokens, "avg"))
+        parts.append(pool_tokens(tokens, "avg", layout))
     return torch.cat(parts, dim=1)
 
 
 def block_features(
     model: nn.Module, images: torch.Tensor, n_last_blocks: int, cls_pooling: str = "bilateral_concat"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] of each of the last ``n_last_blocks`` block pairs (each after the final norm) and the last pair's [AVG].
+    """[CLS] of each of the last ``n_last_blocks`` blocks (ViL v2: block pairs), each after the final norm, and the
+    last one's [AVG].
 
-    Returns cls (B, n, Dc) oldest first, avg (B, d). Uses the timm ``forward_intermediates`` contract.
+    Returns cls (B, n, Dc) oldest first, avg (B, d). Uses the timm ``forward_intermediates`` contract; a ViT's
+    intermediates come with their prefix tokens, so its [CLS] is its class token at every depth.
     """
     depth = len(model.blocks)
     if not 1 <= n_last_blocks <= depth:
         raise ValueError(f"n_last_blocks must be in [1, {depth}] for this model, got {n_last_blocks}")
+    layout = token_layout(model)
     inter = model.forward_intermediates(images, indices=n_last_blocks, norm=True, output_fmt="NLC",
-                                        intermediates_only=True)
-    cls = torch.stack([pool_tokens(t, cls_pooling) for t in inter], dim=1)
-    return cls, pool_tokens(inter[-1], "avg")
+                                        intermediates_only=True, return_prefix_tokens=layout.has_class_token)
+    if layout.has_class_token:  # timm returns (patches (B, S, d), prefix (B, P, d)) pairs
+        inter = [torch.cat([prefix, patches], dim=1) for patches, prefix in inter]
+    cls = torch.stack([pool_tokens(t, cls_pooling, layout) for t in inter], dim=1)
+    return cls, pool_tokens(inter[-1], "avg", layout)
 
 
 @dataclass

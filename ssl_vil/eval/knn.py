@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     """The k-NN evaluation for parsed ``args`` on this process (collective when distributed)."""
+    from ssl_vil.backbones.pooling import token_layout
     from ssl_vil.eval import features as feats
     from ssl_vil.eval.inputs import default_split, eval_transform, open_eval_source
     from ssl_vil.eval.knn_search import knn_classify
@@ -137,10 +138,11 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     crop_pct = args.crop_pct if args.crop_pct is not None else float(info.get("crop_pct", DEFAULT_CROP_PCT))
     transform = eval_transform(img_size, info["mean"], info["std"], crop_pct)
     cls_pooling = feats.cls_pooling_of(model, info)
+    layout = token_layout(model)
     t_loaded = time.perf_counter()
 
     def feature_fn(images: torch.Tensor) -> torch.Tensor:
-        return feats.pooled_features(model.forward_features(images), args.features, cls_pooling)
+        return feats.pooled_features(model.forward_features(images), args.features, cls_pooling, layout)
 
     sets: dict[str, feats.FeatureSet] = {}
     sizes: dict[str, int] = {}

@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ssl_vil.backbones.pooling import pool_tokens
+from ssl_vil.backbones.pooling import patch_tokens, pool_tokens, token_layout
 from ssl_vil.heads import DINOHead
 
 
 class SSLNetwork(nn.Module):
-    """ViL backbone with a DINO head on the pooled representation and an iBOT head on patch tokens.
+    """Backbone with a DINO head on the pooled representation and an iBOT head on patch tokens.
+
+    The backbone follows the contract of :mod:`ssl_vil.backbones.pooling`: ``forward_features(x, masks=...)``
+    returns final-norm tokens (B, L, d) whose layout (``num_prefix_tokens``, a ViL middle token) says which are
+    patches. A ViT's [CLS] (pooling ``cls``) or a ViL pooling feeds the DINO head and KoLeo; the patch tokens
+    alone (no prefix or middle token) feed the iBOT head, indexed like the masks.
 
     ``ibot_head`` is None when the patch loss is off or when the DINO head is shared with it
     (``share_head=True``); then :attr:`patch_head` returns the DINO head.
@@ -36,6 +41,7 @@ class SSLNetwork(nn.Module):
         self.ibot_head = ibot_head
         self.pooling = pooling
         self.share_head = share_head
+        self.layout = token_layout(backbone)
 
     @property
     def patch_head(self) -> DINOHead | None:
@@ -65,19 +71,19 @@ class SSLNetwork(nn.Module):
             patch_logits: (M, K_patch) patch-head outputs at ``mask_indices``, or None.
         """
         tokens = self.backbone.forward_features(global_crops, masks=masks)
-        global_pooled = pool_tokens(tokens, self.pooling)
+        global_pooled = pool_tokens(tokens, self.pooling, self.layout)
         global_logits = self.dino_head(global_pooled)
         local_logits = None
         if local_crops is not None:
             local_tokens = self.backbone.forward_features(local_crops)
-            local_logits = self.dino_head(pool_tokens(local_tokens, self.pooling))
+            local_logits = self.dino_head(pool_tokens(local_tokens, self.pooling, self.layout))
         patch_logits = None
         if mask_indices is not None:
             head = self.patch_head
             if head is None:
                 raise ValueError("mask_indices were given but the network has no patch head")
-            patch_tokens = torch.index_select(tokens.flatten(0, 1), 0, mask_indices)
-            patch_logits = head(patch_tokens)
+            patches = patch_tokens(tokens, self.layout)
+            patch_logits = head(torch.index_select(patches.flatten(0, 1), 0, mask_indices))
         return {
             "global_pooled": global_pooled,
             "global_logits": global_logits,

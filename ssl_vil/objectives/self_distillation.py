@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ssl_vil.backbones.pooling import pooled_dim
+from ssl_vil.backbones.pooling import allowed_poolings, canonical_pooling, pooled_dim, token_layout
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
 from ssl_vil.heads import DINOHead, DINOHeadConfig, check_head_sharing
@@ -42,7 +42,10 @@ from ssl_vil.objectives.network import SSLNetwork
 from ssl_vil.teacher import ema_update, make_teacher
 
 Centering = Literal["ema", "sinkhorn_knopp"]
-Pooling = Literal["bilateral_concat", "bilateral_avg", "avg", "first", "last", "middle"]
+# auto: the backbone's default. ViL: bilateral_concat (default), bilateral_avg, avg, middle_patch (= middle),
+# middle_cls, first, last; ViT: cls (default), avg. See ssl_vil.backbones.pooling.
+Pooling = Literal["auto", "bilateral_concat", "bilateral_avg", "avg", "middle_patch", "middle_cls", "first", "last",
+                  "middle", "cls"]
 CENTERING_MODES: tuple[str, ...] = get_args(Centering)
 
 
@@ -55,6 +58,8 @@ class ObjectiveConfig(Config):
 
     Attributes:
         pooling: pooled representation ("[CLS]") for the DINO head and KoLeo; see ``ssl_vil.backbones.pooling``.
+            ``auto``: the backbone's default (ViL: ``bilateral_concat``; ViT: ``cls``); the run config loader
+            states it. ``middle_cls`` builds the ViL with its learned middle token.
         dino_head: DINO head settings.
         ibot_head: iBOT head settings; None: the same settings as ``dino_head``. Unused when ``shared_head``.
         shared_head: one head for both losses (needs pooled width == token width).
@@ -69,7 +74,7 @@ class ObjectiveConfig(Config):
         koleo_eps: KoLeo distance floor.
     """
 
-    pooling: Pooling = "bilateral_concat"
+    pooling: Pooling = "auto"
     dino_head: DINOHeadConfig = field(default_factory=DINOHeadConfig)
     ibot_head: DINOHeadConfig | None = None
     shared_head: bool = False
@@ -130,7 +135,8 @@ class SelfDistillationObjective(nn.Module):
         super().__init__()
         self.cfg = cfg
         token_dim = int(backbone.embed_dim)
-        in_dim = pooled_dim(token_dim, cfg.pooling)
+        self.pooling = pooling = backbone_pooling(backbone, cfg.pooling)
+        in_dim = pooled_dim(token_dim, pooling)
         shared = cfg.uses_ibot and cfg.shared_head
         if cfg.uses_ibot:
             check_head_sharing(in_dim, token_dim, cfg.shared_head)
@@ -143,7 +149,7 @@ class SelfDistillationObjective(nn.Module):
         ibot_head = None
         if cfg.uses_ibot and not shared:
             ibot_head = DINOHead(token_dim, cfg.ibot_head if cfg.ibot_head is not None else cfg.dino_head)
-        self.student = SSLNetwork(backbone, dino_head, ibot_head, pooling=cfg.pooling, share_head=shared)
+        self.student = SSLNetwork(backbone, dino_head, ibot_head, pooling=pooling, share_head=shared)
         self.teacher = make_teacher(self.student)
         self.teacher.backbone.eval()
         self.dino_center: EMACenter | None = None
@@ -306,6 +312,22 @@ class SelfDistillationObjective(nn.Module):
         center.accumulate(logits, valid)
         return probs
 
+
+
+def backbone_pooling(backbone: nn.Module, pooling: str | None) -> str:
+    """``pooling`` checked against what ``backbone`` supports ("auto" or None: its default); raises ValueError."""
+    layout = token_layout(backbone)
+    is_vit = layout.num_prefix_tokens > 0 or hasattr(backbone, "vit")
+    allowed = allowed_poolings(is_vit=is_vit, has_class_token=layout.has_class_token)
+    if pooling in (None, "auto"):
+        return "middle_cls" if layout.middle_cls else allowed[0]
+    if pooling not in allowed:
+        raise ValueError(f"pooling {pooling!r} does not apply to a {type(backbone).__name__} backbone; expected one "
+                         f"of {', '.join(allowed)}")
+    if (canonical_pooling(pooling) == "middle_cls") != layout.middle_cls:
+        raise ValueError(f"pooling {pooling!r} and the backbone's middle token disagree: build the ViL with "
+                         f"cls_token='middle' exactly when the pooling is 'middle_cls'")
+    return pooling
 
 
 def _freeze_unused(backbone: nn.Module, *, uses_masks: bool) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_vil.backbones.pooling import token_layout
 from ssl_vil.config import RunConfig
 from ssl_vil.eval import features as feats
 from ssl_vil.eval.inputs import EvalSource, default_split, eval_transform, open_eval_source
@@ -57,7 +58,8 @@ class KnnMonitor:
         with torch.random.fork_rng(devices=[]):
             for split, source in self.sources.items():
                 sets[split] = feats.extract(
-                    source.batches(), lambda x: feats.pooled_features(backbone.forward_features(x), "cls", pooling),
+                    source.batches(), lambda x: feats.pooled_features(backbone.forward_features(x), "cls", pooling,
+                                                               token_layout(backbone)),
                     device=self.dist.device, normalize=True)
         backbone.train(was_training)
         train, val = sets["train"], sets["val"]
