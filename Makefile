@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install snapshots golden clean
+.PHONY: demo test install compare snapshots golden clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q --durations=15 tests
+
+# ViL vs ViT, block designs and poolings under one recipe (recipes/compare/digits.yaml, ~30 CPU-minutes);
+# `make compare ARGS=--quick` is the 2-step smoke run, ARGS="--only vil2_alternating vit_matched" a subset.
+ARGS ?=
+compare: $(STAMP)
+	$(PY) -m ssl_vil.compare --config recipes/compare/digits.yaml --output-dir runs/compare $(ARGS)
 
 # Regenerate the resolved-recipe snapshots (tests/snapshots/) after an intended default change.
 snapshots: $(STAMP)

@@ -19,7 +19,7 @@ PROG = "python -m ssl_vil.demo"
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_digits.yaml"
 
 
-def _make_shards(out: Path) -> tuple[Path, Path]:
+def make_digits_shards(out: Path) -> tuple[Path, Path]:
     from ssl_vil.data.make_shards import main as make_shards
 
     train, val = out / "train", out / "val"
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    train_shards, val_shards = _make_shards(out / "shards")
+    train_shards, val_shards = make_digits_shards(out / "shards")
 
     from ssl_vil.report import main as report
     from ssl_vil.train.cli import main as train
