@@ -3,7 +3,8 @@
 digits -> WebDataset shards -> DINO pretraining of a tiny ViL2 (recipes/demo_digits.yaml) -> export -> k-NN of
 the pretrained teacher backbone, of the same architecture at random init and of the raw pixels -> the three
 kNN@20 numbers + plots.
-The baseline is the public ``python eval/knn.py --weights random:RUN --init-seed 0 ...`` (printed at the end).
+The baselines are the public ``python eval/knn.py --weights random:RUN --init-seed 0 ...`` and
+``--weights pixels:RUN`` (printed at the end).
 Re-running resumes or reuses what is already there.
 """
 
@@ -45,31 +46,6 @@ def knn20(weights: str, train: Path, val: Path, out: Path, *extra: str) -> float
     return next(r["top1"] for r in res["results"] if r["k"] == 20)
 
 
-def raw_pixel_knn20(export: Path, train: Path, val: Path) -> float:
-    """The input baseline: kNN@20 top-1 (%) of the pixels the teacher sees (the export's eval transform: size,
-    crop, normalisation), flattened and L2-normalised, under the same k-NN protocol (T = 0.07)."""
-    import json
-
-    import torch
-    import torch.nn.functional as F
-
-    from ssl_vil.eval import features as feats
-    from ssl_vil.eval.inputs import eval_transform, open_eval_source
-    from ssl_vil.eval.knn_search import knn_classify
-
-    info = json.loads((export / "model.json").read_text())
-    transform = eval_transform(int(info["img_size"]), info["mean"], info["std"], float(info["crop_pct"]))
-    sources = {"train": open_eval_source(str(train), transform=transform, batch_size=256)}
-    sources["val"] = open_eval_source(str(val), transform=transform, batch_size=256,
-                                      classes=sources["train"].classes)
-    sets = {name: feats.extract(src.batches(), lambda x: x.flatten(1), device=torch.device("cpu"), normalize=False)
-            for name, src in sources.items()}
-    bank, queries = (F.normalize(sets[n].features, dim=1) for n in ("train", "val"))
-    counts = knn_classify(queries, sets["val"].labels, bank, sets["train"].labels, [20], temperature=0.07,
-                          num_classes=len(sources["train"].classes))
-    return counts[0].top1
-
-
 def random_init_knn20(arch: Path, train: Path, val: Path, out: Path, seed: int = 0) -> float:
     """The baseline: kNN@20 of ``arch``'s backbone (a run dir or recipe) at random init, through the public
     ``eval/knn.py --weights random:ARCH --init-seed SEED``."""
@@ -106,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     pretrained = knn20(str(run_dir / "export" / "teacher_backbone.safetensors"), train_shards, val_shards,
                        out / "knn_pretrained")
     random_init = random_init_knn20(run_dir, train_shards, val_shards, out / "knn_random_init", seed=0)
-    pixels = raw_pixel_knn20(run_dir / "export", train_shards, val_shards)
+    pixels = knn20(f"pixels:{run_dir}", train_shards, val_shards, out / "knn_pixels")
     report([str(run_dir)])
     print()
     print(f"digits val kNN@20 top-1: pretrained teacher {pretrained:.1f} %  |  random init {random_init:.1f} %  |  "
@@ -115,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run dir: {run_dir}  (plots in {run_dir / 'plots'}, metrics in {run_dir / 'metrics.jsonl'})")
     baseline = knn_args(f"random:{run_dir}", train_shards, val_shards, out / "knn_random_init", "--init-seed", "0")
     print("random-init baseline: python eval/knn.py " + " ".join(baseline))
+    print("raw-pixel baseline:   python eval/knn.py "
+          + " ".join(knn_args(f"pixels:{run_dir}", train_shards, val_shards, out / "knn_pixels")))
     return 0
 
 

@@ -109,3 +109,36 @@ def test_bad_random_spec_is_one_clear_line(digits, spec, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith(f"eval/knn.py: error: weights: got {spec!r}, expected random:SPEC with SPEC a recipe")
     assert not (tmp_path / "results_knn.json").exists()
+
+
+def numpy_pixel_knn20(train: Path, val: Path, mean: list[float], std: list[float]) -> float:
+    """kNN@20 top-1 (%) of the normalised pixels, written out in numpy: cosine similarity, votes exp(sim / 0.07)."""
+    def load(root: Path) -> tuple[np.ndarray, np.ndarray]:
+        files = sorted(root.glob("*/*.png"))
+        x = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) / 255 for f in files])
+        x = ((x - np.array(mean)) / np.array(std)).transpose(0, 3, 1, 2).reshape(len(files), -1)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), np.array([int(f.parent.name) for f in files])
+
+    (xt, yt), (xv, yv) = load(train), load(val)
+    sim = xv @ xt.T
+    nn_idx = np.argsort(-sim, axis=1)[:, :20]
+    votes = np.zeros((len(xv), 10))
+    for i, row in enumerate(nn_idx):
+        np.add.at(votes[i], yt[row], np.exp(sim[i, row] / 0.07))
+    return float((votes.argmax(1) == yv).mean() * 100)
+
+
+def test_pixel_baseline_is_the_input_under_the_same_protocol(digits, tmp_path):
+    train, val = digits
+    # crop 1.0 at the recipe's 32 px on 32 px images: the transform is only the normalisation.
+    proc = run_knn_cli(["--weights", f"pixels:{RECIPE}", "--train-data", str(train), "--val-data", str(val),
+                        "--k", "20", "--crop-pct", "1.0", "--num-workers", "0", "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results_knn.json").read_text())
+    cfg = load_config(RECIPE, world_size=1).data.augment
+    expected = numpy_pixel_knn20(train, val, list(cfg.mean), list(cfg.std))
+    assert res["results"][0]["top1"] == pytest.approx(expected, abs=1e-9)
+    assert res["features"]["dim"] == 3 * 32 * 32 and res["features"]["spec"] == "pixels"
+    assert res["weights_sha256"] is None and res["weights"] == f"pixels:{RECIPE}"
+    assert "kNN (input pixels" in proc.stdout
+    assert 80.0 < expected < 100.0  # digits are nearly separable in pixel space

@@ -8,7 +8,8 @@
 ``teacher_backbone.safetensors`` (``model.json`` beside it), or any other ViL weights file with ``--model``;
 ``random:SPEC`` is SPEC's architecture at random init (seed ``--init-seed``), the baseline:
 ``random:recipes/demo_digits.yaml``, ``random:RUN``, ``random:vil2_small_patch16_224``
-(see :mod:`ssl_vil.eval.weights_id`).
+(see :mod:`ssl_vil.eval.weights_id`); ``pixels:SPEC`` is the input baseline, the pixels of SPEC's eval transform
+flattened as the features (``pixels:RUN`` for a run's).
 ``D``: a shard directory / glob / URL, or an ImageFolder directory; every sample is used exactly once. Labels are
 indices of the train data's class list: val labels are matched to it by class name, and a val class the train data
 lacks is refused (exit status 2, one line). ``results_knn.json`` records that list, k, T and crop_pct.
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_version(p)
     p.add_argument("--weights", required=True,
                    help="run dir | checkpoint folder | exported .safetensors | weights file | "
-                        "random:RECIPE.yaml|RUN|MODEL_NAME (random-init baseline)")
+                        "random:RECIPE.yaml|RUN|MODEL_NAME (random-init baseline) | "
+                        "pixels:RECIPE.yaml|RUN|MODEL_NAME (raw-pixel baseline at that model's input)")
     p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
     p.add_argument("--init-seed", type=int, default=0, help="torch seed of a --weights random:... init")
     p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
@@ -121,7 +123,8 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     from ssl_vil.eval.knn_search import knn_classify
     from ssl_vil.eval.progress import Progress
     from ssl_vil.eval.reporting import setup_logging
-    from ssl_vil.eval.weights_id import is_random_init, random_init_backbone, weights_sha256
+    from ssl_vil.eval.weights_id import (is_pixels, is_random_init, pixel_baseline, random_init_backbone,
+                                         weights_sha256)
     from ssl_vil.export import load_pretrained_backbone
     from ssl_vil.infra.dist import barrier
     from ssl_vil.infra.files import write_json_atomic
@@ -131,17 +134,22 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
 
     if is_random_init(args.weights):
         model, info = random_init_backbone(args.weights, args.init_seed)
+    elif is_pixels(args.weights):
+        model, info = pixel_baseline(args.weights)
     else:
         model, info = load_pretrained_backbone(args.weights, args.model)
     model = model.to(dist.device).eval()
     img_size = args.img_size or int(info["img_size"])
     crop_pct = args.crop_pct if args.crop_pct is not None else float(info.get("crop_pct", DEFAULT_CROP_PCT))
     transform = eval_transform(img_size, info["mean"], info["std"], crop_pct)
-    cls_pooling = feats.cls_pooling_of(model, info)
-    layout = token_layout(model)
+    pixels = is_pixels(args.weights)
+    cls_pooling = "pixels" if pixels else feats.cls_pooling_of(model, info)
+    layout = None if pixels else token_layout(model)
     t_loaded = time.perf_counter()
 
     def feature_fn(images: torch.Tensor) -> torch.Tensor:
+        if pixels:  # (B, C*H*W): no tokens to pool
+            return model.forward_features(images)
         return feats.pooled_features(model.forward_features(images), args.features, cls_pooling, layout)
 
     sets: dict[str, feats.FeatureSet] = {}
@@ -186,12 +194,13 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     results: dict[str, Any] = {
         "protocol": "knn",
         "weights": str(args.weights),
-        "weights_sha256": info.get("weights_sha256") or weights_sha256(info.get("source", args.weights)),
+        "weights_sha256": (info["weights_sha256"] if "weights_sha256" in info
+                           else weights_sha256(info.get("source", args.weights))),
         "weights_source": str(info.get("source", args.weights)),
         "model": info["model"],
         "model_kwargs": info.get("kwargs", {}),
         "features": {
-            "spec": args.features, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
+            "spec": "pixels" if pixels else args.features, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
             "img_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
             "mean": list(info["mean"]), "std": list(info["std"]),
         },
@@ -209,7 +218,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "elapsed": times,
     }
     summary = "kNN ({} {}, T={:g}, n_train={}, n_val={}): ".format(
-        args.features, cls_pooling if args.features != "avg" else "mean", args.temperature, sizes["train"],
+        "input" if pixels else args.features, cls_pooling if pixels or args.features != "avg" else "mean", args.temperature, sizes["train"],
         sizes["val"]) + "; ".join(
         f"k={c.k}{'' if c.k == c.k_effective else f'(={c.k_effective})'} top1 {c.top1:.2f} top5 {c.top5:.2f}"
         for c in counts)

@@ -8,6 +8,9 @@ backbone has to beat. SPEC is where the architecture comes from:
 * an export's ``model.json``, or the exported weights file beside it,
 * a registered timm model name with its default constructor arguments (``random:vil2_small_patch16_224``).
 
+``--weights pixels:SPEC`` is the input baseline: the pixels SPEC's eval transform produces (size, crop,
+normalisation), flattened, as the features; SPEC takes the same forms.
+
 The identity of such weights is the sha256 of their safetensors serialisation (no metadata), i.e. the file hash
 the same tensors would have if written with ``safetensors.torch.save_file``.
 """
@@ -26,6 +29,7 @@ from ssl_vil.config.errors import ConfigError
 
 _BLOCK_BYTES = 8 << 20
 RANDOM_PREFIX = "random:"
+PIXELS_PREFIX = "pixels:"
 _EXPORT_INFO = "model.json"
 
 
@@ -104,10 +108,40 @@ def random_init_backbone(weights: str, seed: int) -> tuple[nn.Module, dict[str, 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_backbone(info)
+    _complete_data_info(info, net)
+    info.update(source=f"{weights} (init seed {seed})", init_seed=seed,
+                weights_sha256=state_dict_sha256(net.state_dict()))
+    return net.eval(), info
+
+
+def is_pixels(weights: str | Path) -> bool:
+    """True for a ``pixels:SPEC`` weights argument."""
+    return isinstance(weights, str) and weights.startswith(PIXELS_PREFIX)
+
+
+class Pixels(nn.Module):
+    """The input baseline's "backbone": ``forward_features`` (B, C, H, W) -> (B, C*H*W), the pixels themselves."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
+def pixel_baseline(weights: str) -> tuple[nn.Module, dict[str, Any]]:
+    """:class:`Pixels` and the data info (``img_size``, ``mean``, ``std``, ``crop_pct``) of ``pixels:SPEC``: the
+    pixels SPEC's backbone would see. ``weights_sha256`` is None: there are no weights."""
+    from ssl_vil.export import build_backbone
+
+    info = random_init_info(RANDOM_PREFIX + weights[len(PIXELS_PREFIX):])
+    if "img_size" not in info or "mean" not in info:  # a timm name: its data config lives on the model
+        with torch.random.fork_rng(devices=[]):
+            _complete_data_info(info, build_backbone(info))
+    info.update(source=weights, weights_sha256=None, pooling="pixels")
+    return Pixels(), info
+
+
+def _complete_data_info(info: dict[str, Any], net: nn.Module) -> None:
+    """Fill ``img_size`` / ``mean`` / ``std`` that ``info`` lacks from ``net``'s timm data config."""
     cfg_data = getattr(net, "pretrained_cfg", {}) or {}
     info.setdefault("img_size", info["kwargs"].get("img_size", cfg_data.get("input_size", (3, 224, 224))[-1]))
     info.setdefault("mean", list(cfg_data.get("mean", (0.485, 0.456, 0.406))))
     info.setdefault("std", list(cfg_data.get("std", (0.229, 0.224, 0.225))))
-    info.update(source=f"{weights} (init seed {seed})", init_seed=seed,
-                weights_sha256=state_dict_sha256(net.state_dict()))
-    return net.eval(), info
