@@ -19,7 +19,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch import Tensor
 
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import invalid
+
+if TYPE_CHECKING:
+    from ssl_vil.data.collate import StackedSamples
 
 MaskMode = Literal["block", "random"]
 MASK_MODES: tuple[str, ...] = get_args(MaskMode)
@@ -304,12 +307,35 @@ class MultiCropMaskCollate:
         if len(samples) == 0:
             raise ValueError("MultiCropMaskCollate got an empty batch")
         n_local = self._check_samples(samples)
-        batch = len(samples)
         global_crops = torch.stack([s["views"][v] for v in range(self.n_global) for s in samples])
         local_crops = None
         if n_local > 0:
             first = self.n_global
             local_crops = torch.stack([s["views"][v] for v in range(first, first + n_local) for s in samples])
+        return self._with_masks([str(s["key"]) for s in samples], [int(s["label"]) for s in samples], global_crops,
+                                local_crops, generator)
+
+    def collate_stacked(self, stacked: StackedSamples, generator: torch.Generator) -> dict[str, Any]:
+        """The same batch as ``self(stacked.samples(), generator)``, concatenated from the workers' stacked parts
+        (one copy per crop size). Views that do not fit go through the per-sample path, whose error names the
+        sample."""
+        views = stacked.parts[0]
+        n_local = self.n_local if self.n_local is not None else len(views) - self.n_global
+        fits = (len(views) == self.n_global + n_local and n_local >= 0 and all(t.dim() == 4 for t in views)
+                and len({t.shape for t in views[:self.n_global]}) == 1
+                and len({t.shape[1:] for t in views[self.n_global:]}) <= 1)
+        if not fits:
+            return self(stacked.samples(), generator)
+        global_crops = torch.cat([part[v] for v in range(self.n_global) for part in stacked.parts])
+        local_crops = None
+        if n_local > 0:
+            local_crops = torch.cat([part[v] for v in range(self.n_global, len(views)) for part in stacked.parts])
+        return self._with_masks([str(k) for k in stacked.keys], [int(lab) for lab in stacked.labels], global_crops,
+                                local_crops, generator)
+
+    def _with_masks(self, keys: list[str], labels: list[int], global_crops: Tensor, local_crops: Tensor | None,
+                    generator: torch.Generator) -> dict[str, Any]:
+        batch = len(keys)
         masks, upper_bound = sample_masks(
             self.n_global * batch,
             generator,
@@ -320,8 +346,8 @@ class MultiCropMaskCollate:
         )
         mask_indices, mask_weights, n_masked = mask_index_buffers(masks, upper_bound)
         return {
-            "keys": [str(s["key"]) for s in samples],
-            "labels": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
+            "keys": keys,
+            "labels": torch.tensor(labels, dtype=torch.long),
             "global_crops": global_crops,
             "local_crops": local_crops,
             "masks": masks,

@@ -252,3 +252,62 @@ def test_default_collate_views_stacks_lists_and_tensors():
     assert single["views"].shape == (3, 3, 4, 4)
     with pytest.raises(ValueError, match="sample 'k1' has 1 views"):
         default_collate_views([samples[0], {**samples[1], "views": samples[1]["views"][:1]}], torch.Generator())
+
+
+def _batch_tensors(batch):
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.timeout(120)
+def test_stacked_worker_parts_give_the_per_sample_batches(shard_dir):
+    """With workers, the mask collate concatenates the workers' stacked parts (collate_stacked); with 0 workers it
+    collates sample by sample. Both give the same batches, bit for bit, including for B not divisible by W."""
+    from ssl_vil.masking import MultiCropMaskCollate
+
+    def batches(workers):
+        collate = MultiCropMaskCollate((3, 3), n_global=1, n_local=1, mask_probability=1.0)
+        stream = _stream(shard_dir, num_workers=workers, collate=collate, batch_size=5)
+        calls = collections.Counter()
+        stacked_call = collate.collate_stacked
+
+        def counted(*a):
+            calls["stacked"] += 1
+            return stacked_call(*a)
+
+        collate.collate_stacked = counted
+        out = [b for _, b in zip(range(12), stream)]
+        return out, calls["stacked"]
+
+    ref, stacked_ref = batches(0)
+    got, stacked_got = batches(3)
+    assert (stacked_ref, stacked_got) == (0, 12)  # 0 workers: per sample; 3 workers: the stacked path every step
+    assert len({k for b in ref for k in b["keys"]}) == 60
+    for a, b in zip(ref, got):
+        assert a["keys"] == b["keys"]
+        ta, tb = _batch_tensors(a), _batch_tensors(b)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_collate_stacked_equals_per_sample_and_refers_misfits_to_it():
+    from ssl_vil.data.collate import StackedSamples
+    from ssl_vil.masking import MultiCropMaskCollate
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [2, 3]  # two parts, samples in order
+    parts = [[torch.rand(n, 3, 8, 8, generator=g), torch.rand(n, 3, 8, 8, generator=g),
+              torch.rand(n, 3, 4, 4, generator=g)] for n in sizes]
+    stacked = StackedSamples(keys=[f"k{i}" for i in range(5)], labels=list(range(5)), parts=parts)
+    collate = MultiCropMaskCollate((2, 2), n_global=2, n_local=1, mask_probability=1.0)
+    a = collate.collate_stacked(stacked, torch.Generator().manual_seed(7))
+    b = collate(stacked.samples(), torch.Generator().manual_seed(7))
+    assert a["keys"] == b["keys"] == [f"k{i}" for i in range(5)]
+    assert a["global_crops"].shape == (10, 3, 8, 8) and a["local_crops"].shape == (5, 3, 4, 4)
+    # view-major: row v * B + b is view v of sample b (sample 3 = part 1, row 1).
+    assert torch.equal(a["global_crops"][5 + 3], parts[1][1][1])
+    for k in ("labels", "global_crops", "local_crops", "masks", "mask_indices", "mask_weights", "n_masked"):
+        assert torch.equal(a[k], b[k]), k
+    # Global views of two sizes: the per-sample checks give their error naming the sample.
+    bad = StackedSamples(keys=["x0", "x1"], labels=[0, 1],
+                         parts=[[torch.rand(2, 3, 8, 8), torch.rand(2, 3, 6, 6), torch.rand(2, 3, 4, 4)]])
+    with pytest.raises(ValueError, match="sample 'x0': global view 1 has shape"):
+        collate.collate_stacked(bad, torch.Generator())

@@ -7,10 +7,42 @@ batch index, the rank's first slot), for collates that draw randomness (e.g. mas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class StackedSamples:
+    """A batch whose views arrive stacked in parts (one part per data worker, parts in sample order).
+
+    keys / labels: B entries. parts: list of P parts; ``parts[p][v]`` is view ``v`` of the part's samples,
+    (B_p, ...) with sum(B_p) = B. A collate may offer ``collate_stacked(stacked, generator)`` to concatenate these
+    instead of restacking B samples one view at a time.
+    """
+
+    keys: list[str]
+    labels: list[int]
+    parts: list[list[Tensor]]
+
+    def uniform(self) -> bool:
+        """Every part has the same number of views, each view one shape and dtype across parts."""
+        if not self.parts:
+            return False
+        signature = [(t.shape[1:], t.dtype) for t in self.parts[0]]
+        return all([(t.shape[1:], t.dtype) for t in part] == signature for part in self.parts)
+
+    def view(self, v: int) -> Tensor:
+        """View ``v`` of all B samples, (B, ...)."""
+        return torch.cat([part[v] for part in self.parts])
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The per-sample form ``{"key", "label", "views": list[Tensor]}`` (views share the parts' memory)."""
+        per_part = [list(zip(*part)) for part in self.parts]
+        views = [list(v) for rows in per_part for v in rows]
+        return [{"key": k, "label": lab, "views": v} for k, lab, v in zip(self.keys, self.labels, views)]
 
 
 def stack_views(samples: list[dict[str, Any]]) -> Tensor | list[Tensor]:

@@ -18,10 +18,13 @@ webdataset's ``gopen``) are streamed, a slot that starts inside a shard reading 
 region, with the same records, keys and order as the local copy; an image folder is read as virtual shards of its
 sorted files (:mod:`ssl_vil.data.folder_records`). All of them share the layout, seeding and cursor above.
 
-Inside a rank, DataLoader worker ``w`` of ``W`` runs the rank's slots ``j`` with ``j % W == w`` (each slot a
-webdataset ``DataPipeline``: raw tar records -> seeded window shuffle -> decode -> transform) and yields one
-partial batch per step; the rank's main process joins the ``W`` parts of a step and applies the collate with a
-generator seeded from ``(seed, epoch, batch index, r*B)``.
+Inside a rank, DataLoader worker ``w`` of ``W`` runs the rank's contiguous block of slots
+``[w*B//W, (w+1)*B//W)`` (each slot a webdataset ``DataPipeline``: raw tar records -> seeded window shuffle ->
+decode -> transform) and yields one partial batch per step, its views stacked per view index in shared memory; the
+rank's main process joins the ``W`` parts of a step and applies the collate with a generator seeded from
+``(seed, epoch, batch index, r*B)``. A collate with a ``collate_stacked`` method gets the stacked parts
+(:class:`ssl_vil.data.collate.StackedSamples`) and concatenates them, one copy and no per-sample work in the main
+process; any other collate gets the samples one by one.
 
 Batches: the collate's dict plus ``padded`` (BoolTensor (B,)), ``data_errors`` (issue-counter deltas since the
 previous batch, every key of :data:`ssl_vil.data.error_tally.COUNTER_KEYS`), ``data_error_details`` (shard URL,
@@ -45,7 +48,7 @@ import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ssl_vil.data.collate import default_collate_views
+from ssl_vil.data.collate import StackedSamples, default_collate_views
 from ssl_vil.data.cursor import EpochCursor, ResumableStream
 from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
@@ -116,7 +119,8 @@ class _RankSteps(IterableDataset):
         return iter(wds.DataPipeline(lambda: self._steps(worker, workers), self._pack))
 
     def _steps(self, worker: int, workers: int) -> Iterator[tuple[int, int, list[int], list[SlotOutput]]]:
-        local = [j for j in range(self.batch_size) if j % workers == worker]
+        # Contiguous blocks: the parts concatenate in slot order (which worker computes a slot changes nothing).
+        local = list(range(worker * self.batch_size // workers, (worker + 1) * self.batch_size // workers))
         streams = [
             iter(
                 SlotStream(
@@ -314,19 +318,23 @@ class TrainStream(ResumableStream):
         return batch
 
     def _assemble(self, parts: list[dict[str, Any]], epoch: int, index: int) -> dict[str, Any]:
-        samples: list[dict[str, Any] | None] = [None] * self.batch_size
-        padded = [False] * self.batch_size
-        events: list[DataIssue] = []
-        lost: list[str] = []
-        for part in parts:
-            views = _unpack_views(part["views"], len(part["slots"]))
-            for j, key, label, view, pad in zip(part["slots"], part["keys"], part["labels"], views, part["padded"]):
-                samples[j] = {"key": key, "label": label, "views": view}
-                padded[j] = pad
-            events.extend(part["events"])
-            lost.extend(part["lost_urls"])
+        parts = [p for p in parts if p["slots"]]  # a worker without slots (B < W) sends an empty part
+        if [j for p in parts for j in p["slots"]] != list(range(self.batch_size)):
+            raise RuntimeError(f"data worker parts cover slots {[p['slots'] for p in parts]}, expected "
+                               f"0..{self.batch_size - 1} in order")
+        padded = [pad for p in parts for pad in p["padded"]]
+        events = [e for p in parts for e in p["events"]]
+        lost = [url for p in parts for url in p["lost_urls"]]
         generator = make_generator(stable_seed(self.seed, "collate", epoch, index, self.rank * self.batch_size))
-        batch = self.collate([s for s in samples if s is not None], generator)
+        stacked = StackedSamples(keys=[k for p in parts for k in p["keys"]],
+                                 labels=[lab for p in parts for lab in p["labels"]],
+                                 parts=[p["views"][1] for p in parts if p["views"][0] == "list"])
+        if hasattr(self.collate, "collate_stacked") and len(stacked.parts) == len(parts) and stacked.uniform():
+            batch = self.collate.collate_stacked(stacked, generator)
+        else:
+            views = [v for p in parts for v in _unpack_views(p["views"], len(p["slots"]))]
+            batch = self.collate([{"key": k, "label": lab, "views": v}
+                                  for k, lab, v in zip(stacked.keys, stacked.labels, views)], generator)
         if not isinstance(batch, dict):
             raise TypeError(f"collate must return a dict, got {type(batch).__name__}")
         deltas, details = self._tally.add(events, lost)
