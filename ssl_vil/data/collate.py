@@ -59,13 +59,31 @@ def stack_views(samples: list[dict[str, Any]]) -> Tensor | list[Tensor]:
     raise TypeError(f"views must be a tensor or a list of tensors, got {type(first).__name__}")
 
 
-def default_collate_views(samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
-    """``{"keys": list[str] (B), "labels": LongTensor (B,), "views": stacked views}`` (``generator`` unused)."""
-    del generator
-    if not samples:
-        raise ValueError("cannot collate an empty batch")
-    return {
-        "keys": [s["key"] for s in samples],
-        "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
-        "views": stack_views(samples),
-    }
+class _ViewsCollate:
+    """``{"keys": list[str] (B), "labels": LongTensor (B,), "views": stacked views}`` (the generator is unused).
+
+    Called on samples, or through ``collate_stacked`` on a :class:`StackedSamples` (the same batch)."""
+
+    def __call__(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, Any]:
+        del generator
+        if not samples:
+            raise ValueError("cannot collate an empty batch")
+        return {
+            "keys": [s["key"] for s in samples],
+            "labels": torch.tensor([s["label"] for s in samples], dtype=torch.long),
+            "views": stack_views(samples),
+        }
+
+    def collate_stacked(self, stacked: StackedSamples, generator: torch.Generator) -> dict[str, Any]:
+        del generator
+        return {
+            "keys": list(stacked.keys),
+            "labels": torch.tensor(stacked.labels, dtype=torch.long),
+            "views": [stacked.view(v) for v in range(len(stacked.parts[0]))],
+        }
+
+    def __repr__(self) -> str:
+        return "default_collate_views"
+
+
+default_collate_views = _ViewsCollate()
