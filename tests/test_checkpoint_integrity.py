@@ -194,9 +194,26 @@ def test_verified_file_that_weights_only_load_refuses_raises_checkpoint_error(tm
         files={"rng.pt": (hashlib.sha256(data).hexdigest(), len(data))}, metadata={},
     )  # fmt: skip
     (step_dir / "manifest.json").write_bytes(encode_manifest(manifest))
-    assert latest_checkpoint(tmp_path) == step_dir  # the hashes are fine
+    # The hashes are fine, yet neither the trainer nor the launcher's resume point takes the folder.
     with pytest.raises(CheckpointError, match=r"rng\.pt matches its manifest but torch\.load\(weights_only=True\)"):
         manager_for(tmp_path).load_latest()
+    with pytest.raises(CheckpointError, match=r"rng\.pt matches its manifest"):
+        latest_checkpoint(tmp_path)
+
+
+def test_resume_point_skips_a_hashed_but_unloadable_newest_step_like_the_trainer(three_checkpoints):
+    newest = three_checkpoints / "step_00000015"
+    data = serialize({"rng": np.arange(3)})
+    (newest / "rng.pt").write_bytes(data)
+    old = json.loads((newest / "manifest.json").read_text())
+    files = {name: (f["sha256"], f["size_bytes"]) for name, f in old["files"].items()}
+    files["rng.pt"] = (hashlib.sha256(data).hexdigest(), len(data))
+    manifest = build_manifest(step=15, config_hash=old["config_hash"], git_sha=old["git_sha"],
+                              world_size=old["world_size"], files=files, metadata=old["metadata"])
+    (newest / "manifest.json").write_bytes(encode_manifest(manifest))
+    loaded = manager_for(three_checkpoints.parent).load_latest()
+    assert loaded.step == 10
+    assert latest_checkpoint(three_checkpoints.parent) == three_checkpoints / "step_00000010" == loaded.path
 
 
 def test_load_folder_loads_a_chosen_step_and_refuses_a_corrupt_one(three_checkpoints):

@@ -140,16 +140,16 @@ def _newest_verified(
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The newest *verified* step folder of ``run_dir``, or None when the run has no checkpoint yet.
+    """The newest *usable* step folder of ``run_dir``, or None when the run has no checkpoint yet.
 
     The one place that decides where a run resumes: the trainer (via :meth:`CheckpointManager.load_latest`,
     which applies the same rule) and the Slurm launcher both use it. Temp folders and empty step folders are
-    ignored; a corrupt newest folder is logged and skipped. It checks hashes only: a folder whose verified
-    files cannot be unpickled is skipped by ``load_latest`` alone. Raises :class:`CheckpointVerificationError`
-    if step folders exist but none verifies. Cost: one sha256 read of the chosen folder (plus any newer corrupt
-    ones), i.e. about a second per GB from page cache; read-only, safe to call while nothing is writing.
+    ignored; a newest folder that fails verification, or whose verified files cannot be unpickled, is logged and
+    skipped. Raises :class:`CheckpointVerificationError` if step folders exist but none is usable. Cost: one read
+    and ``torch.load`` of the chosen folder (plus any newer broken ones); read-only, safe to call while nothing is
+    writing.
     """
-    found = _newest_verified(checkpoints_dir(Path(run_dir)), verify_step_dir)
+    found = _newest_verified(checkpoints_dir(Path(run_dir)), CheckpointManager.load_folder)
     return None if found is None else found[0]
 
 
