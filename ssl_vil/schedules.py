@@ -100,7 +100,8 @@ class ScheduleConfig(Config):
             else:
                 n = math.ceil(value * samples_per_epoch / global_batch_size)
             if duration != "total" and n > steps["total"]:
-                raise invalid(key, value, f"at most the run length ({steps['total']} steps)")
+                raise invalid(key, value, f"at most the run length ({steps['total']} steps; this is {n} steps): "
+                              f"shorten it too, e.g. schedule.{duration}_steps={steps['total'] // 10}")
             steps[duration] = n
         return steps
 

@@ -25,7 +25,7 @@ BAD = [
     (["data.augment.global_scale=[0.3]"], 1, ["data.augment.global_scale", "[0.3]", "a list of 2 float"]),
     (["schedule.total_epochs=10", "data.samples_per_epoch=640"], 1,
      ["schedule.total_*", "total_steps=100", "total_epochs=10", "exactly one of"]),
-    (["schedule.warmup_steps=500"], 1, ["schedule.warmup_steps", "500", "at most the run length (100 steps)"]),
+    (["schedule.warmup_steps=500"], 1, ["schedule.warmup_steps", "500", "at most the run length (100 steps; this is 500 steps): shorten it too, e.g. schedule.warmup_steps=10"]),
     (["optim.grad_accum_steps=3"], 2, ["optim.global_batch_size", "64", "world_size × optim.grad_accum_steps = 2 × 3"]),
     (["optim.global_batch_size=63"], 2, ["optim.global_batch_size", "63", "multiple of world_size"]),
     (["data.augment.global_size=30", "model.patch_size=4"], 1, ["data.augment.global_size", "30", "multiple of model.patch_size=4"]),
