@@ -136,23 +136,37 @@ class DigitsMultiCrop:
         )
 
     def apply(self, image: Image.Image | Tensor, params: DigitsParams) -> list[Tensor]:
-        """Render the views described by ``params`` (deterministic)."""
+        """Render the views described by ``params`` (deterministic). Views of one size are rendered as one batch
+        (a view's pixels do not depend on the others in its batch)."""
         x = _to_float_tensor(image)
-        return [self._apply_view(x, view) for view in params.views]
+        out: list[Tensor | None] = [None] * len(params.views)
+        for size in dict.fromkeys(p.size for p in params.views):
+            index = [i for i, p in enumerate(params.views) if p.size == size]
+            for i, view in zip(index, self._apply_views(x, [params.views[i] for i in index])):
+                out[i] = view
+        return out  # type: ignore[return-value]
 
-    def _apply_view(self, x: Tensor, p: DigitsViewParams) -> Tensor:
+    def _apply_views(self, x: Tensor, views: list[DigitsViewParams]) -> Tensor:
+        """(n, 3, S, S) for n views of one size S."""
         cfg = self.cfg
-        theta = _affine_matrix(p)
-        grid = F.affine_grid(theta[None], [1, 1, p.size, p.size], align_corners=False)
-        warp = F.interpolate(p.elastic[None], size=(p.size, p.size), mode="bicubic", align_corners=True)
+        n, size = len(views), views[0].size
+        theta = torch.stack([_affine_matrix(p) for p in views])
+        grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+        warp = F.interpolate(torch.stack([p.elastic for p in views]), size=(size, size), mode="bicubic",
+                             align_corners=True)
         grid = grid + warp.permute(0, 2, 3, 1)
-        y = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        if p.blur:
-            y = (1.0 - p.blur_weight) * y + p.blur_weight * _binomial_blur(y)
-        y = y * p.gain + p.noise_std * p.noise
+        y = F.grid_sample(x[None].expand(n, -1, -1, -1), grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+        blurred = [i for i, p in enumerate(views) if p.blur]
+        if blurred:
+            keep = _per_view([1.0 - views[i].blur_weight for i in blurred])
+            mix = _per_view([views[i].blur_weight for i in blurred])
+            y[blurred] = keep * y[blurred] + mix * _binomial_blur(y[blurred])
+        y = y * _per_view([p.gain for p in views]) + _per_view([p.noise_std for p in views]) * torch.stack(
+            [p.noise for p in views])
         y = y.clamp(0.0, cfg.clamp_max)
-        if y.shape[0] == 1:
-            y = y.expand(3, -1, -1)
+        if y.shape[1] == 1:
+            y = y.expand(-1, 3, -1, -1)
         return TF.normalize(y.contiguous(), list(cfg.mean), list(cfg.std))
 
     def __call__(self, image: Image.Image | Tensor, generator: torch.Generator) -> list[Tensor]:
@@ -171,12 +185,17 @@ def _affine_matrix(p: DigitsViewParams) -> Tensor:
 
 
 def _binomial_blur(x: Tensor) -> Tensor:
-    """5×5 binomial blur of (C, H, W) with replicate padding."""
+    """5×5 binomial blur of (N, C, H, W) with replicate padding."""
     kernel = torch.outer(_BINOMIAL_5, _BINOMIAL_5).to(x.dtype)
-    c = x.shape[0]
+    c = x.shape[1]
     weight = kernel.expand(c, 1, 5, 5)
-    padded = F.pad(x[None], (2, 2, 2, 2), mode="replicate")
-    return F.conv2d(padded, weight, groups=c)[0]
+    padded = F.pad(x, (2, 2, 2, 2), mode="replicate")
+    return F.conv2d(padded, weight, groups=c)
+
+
+def _per_view(values: list[float]) -> Tensor:
+    """(n, 1, 1, 1) fp32: one scalar per view, rounded to fp32 as a Python scalar times a tensor would be."""
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1)
 
 
 def _to_float_tensor(image: Image.Image | Tensor) -> Tensor:
