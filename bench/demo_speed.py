@@ -31,7 +31,6 @@ ROWS: dict[str, tuple[list[str], dict[str, str]]] = {
     "workers=2": (["data.num_workers=2"], {}),
     "threads=1": ([], {"OMP_NUM_THREADS": "1"}),
     "chunkwise": (["model.mlstm_backend=chunkwise"], {}),
-    "pil kernels": (["data.augment.kernels=pil"], {}),
 }
 
 

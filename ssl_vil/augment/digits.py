@@ -165,9 +165,12 @@ class DigitsMultiCrop:
         y = y * _per_view([p.gain for p in views]) + _per_view([p.noise_std for p in views]) * torch.stack(
             [p.noise for p in views])
         y = y.clamp(0.0, cfg.clamp_max)
-        if y.shape[1] == 1:
-            y = y.expand(-1, 3, -1, -1)
-        return TF.normalize(y.contiguous(), list(cfg.mean), list(cfg.std))
+        # What TF.normalize computes (sub, then div, per channel); broadcasting a grayscale view against the
+        # 3-channel mean writes the RGB result once, without first copying the channel three times.
+        channels = len(cfg.mean)
+        mean = torch.tensor(cfg.mean, dtype=y.dtype).view(1, channels, 1, 1)
+        std = torch.tensor(cfg.std, dtype=y.dtype).view(1, channels, 1, 1)
+        return (y - mean) / std
 
     def __call__(self, image: Image.Image | Tensor, generator: torch.Generator) -> list[Tensor]:
         return self.apply(image, self.sample_params(generator))
@@ -199,7 +202,8 @@ def _per_view(values: list[float]) -> Tensor:
 
 
 def _to_float_tensor(image: Image.Image | Tensor) -> Tensor:
-    """PIL image or uint8/float tensor -> fp32 (1|3, H, W) in [0, 1]; grayscale stays one channel."""
+    """PIL image or uint8/float tensor -> fp32 (1|3, H, W) in [0, 1]; grayscale (also as equal R, G, B) is one
+    channel."""
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB"):
             image = image.convert("RGB")
@@ -208,6 +212,8 @@ def _to_float_tensor(image: Image.Image | Tensor) -> Tensor:
         t = image
     if t.ndim != 3 or t.shape[0] not in (1, 3):
         raise ValueError(f"expected an image (1|3, H, W), got shape {tuple(t.shape)}")
+    if t.shape[0] == 3 and torch.equal(t[0], t[1]) and torch.equal(t[1], t[2]):
+        t = t[:1]  # gray stored as RGB: every op below is per channel, so one channel gives the same views
     if t.dtype == torch.uint8:
         return t.to(torch.float32) / 255.0
     return t.to(torch.float32)
