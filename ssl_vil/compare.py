@@ -2,7 +2,8 @@
 
 Each variant of the comparison config is the base recipe plus its own ``key=value`` overrides (a backbone, a ViL
 block design, a pooling). For each one, in order: pretrain on the digits shards (the embedded set, written once),
-k-NN evaluate the exported teacher backbone with ``eval/knn.py``'s protocol, and measure the backbone's
+k-NN evaluate the exported teacher backbone with ``eval/knn.py``'s protocol (and the same architecture at random
+init, seed ``seed``: poolings and backbones start from different baselines), and measure the backbone's
 parameters, FLOPs per image at the pretraining size and pretraining throughput. One table (stdout,
 ``OUT/compare.md``, ``OUT/compare.json``) and one plot (``OUT/compare.png``: kNN@20 against img/s, and against
 parameters) come out.
@@ -30,7 +31,8 @@ from ssl_vil.infra.files import write_json_atomic, write_text_atomic
 
 PROG = "python -m ssl_vil.compare"
 RESULT_FILE = "result.json"
-TABLE_COLUMNS = ("variant", "backbone", "params_m", "gflops", "img_per_s", "knn20_top1", "wall_min")
+TABLE_COLUMNS = ("variant", "backbone", "params_m", "gflops", "img_per_s", "knn20_random_init", "knn20_top1",
+                 "wall_min")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -113,7 +115,8 @@ def mean_img_per_s(run_dir: Path) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def run_variant(v: Variant, base: Path, out: Path, train: Path, val: Path, knn_k: list[int]) -> dict[str, Any]:
+def run_variant(v: Variant, base: Path, out: Path, train: Path, val: Path, knn_k: list[int],
+                seed: int) -> dict[str, Any]:
     """Pretrain, export, k-NN; the result dict (also ``OUT/<variant>/result.json``)."""
     from ssl_vil.eval.knn import main as knn
     from ssl_vil.train.cli import main as train_main
@@ -127,10 +130,12 @@ def run_variant(v: Variant, base: Path, out: Path, train: Path, val: Path, knn_k
     res = knn(["--weights", str(vdir / "run"), "--train-data", str(train), "--val-data", str(val),
                "--k", *map(str, knn_k), "--num-workers", "0", "--output-dir", str(vdir / "knn")])
     top1 = {r["k"]: r["top1"] for r in res["results"]}
+    res0 = knn(["--weights", f"random:{vdir / 'run'}", "--init-seed", str(seed), "--train-data", str(train),
+                "--val-data", str(val), "--k", "20", "--num-workers", "0", "--output-dir", str(vdir / "knn_random_init")])
     m = v.cfg.model
     result = {"variant": v.name, "backbone": m.name, "overrides": v.overrides, **backbone_cost(v.cfg),
               "img_per_s": mean_img_per_s(vdir / "run"), "knn20_top1": top1[20],
-              "knn_top1": {str(k): t for k, t in top1.items()}, "pooling": v.cfg.objective.pooling,
+              "knn20_random_init": res0["results"][0]["top1"], "knn_top1": {str(k): t for k, t in top1.items()}, "pooling": v.cfg.objective.pooling,
               "steps": v.cfg.derived.total_steps, "wall_min": wall / 60}
     write_json_atomic(vdir / RESULT_FILE, result)
     return result
@@ -138,12 +143,14 @@ def run_variant(v: Variant, base: Path, out: Path, train: Path, val: Path, knn_k
 
 def format_table(results: list[dict[str, Any]]) -> str:
     """A markdown table, one row per variant."""
-    head = "| variant | backbone | params (M) | GFLOPs/img | img/s | kNN@20 top-1 (%) | pretrain (min) |"
-    rows = [head, "|" + "---|" * 7]
+    head = ("| variant | backbone | params (M) | GFLOPs/img | img/s | kNN@20 random init (%) | kNN@20 top-1 (%) "
+            "| pretrain (min) |")
+    rows = [head, "|" + "---|" * 8]
     for r in results:
         ips = f"{r['img_per_s']:.1f}" if r["img_per_s"] is not None else "-"
+        rnd = f"{r['knn20_random_init']:.1f}" if r.get("knn20_random_init") is not None else "-"
         rows.append(f"| {r['variant']} | {r['backbone']} | {r['params_m']:.3f} | {r['gflops']:.4f} | {ips} | "
-                    f"{r['knn20_top1']:.1f} | {r['wall_min']:.1f} |")
+                    f"{rnd} | {r['knn20_top1']:.1f} | {r['wall_min']:.1f} |")
     return "\n".join(rows)
 
 
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{v.name}: reusing {done}", file=sys.stderr)
             continue
         print(f"=== {v.name}: {' '.join(cfg.variants[v.name]) or '(the base recipe)'}", file=sys.stderr, flush=True)
-        results.append(run_variant(v, base, out, train, val, cfg.knn_k))
+        results.append(run_variant(v, base, out, train, val, cfg.knn_k, cfg.seed))
     table = format_table(results)
     write_text_atomic(out / "compare.md", table + "\n")
     write_json_atomic(out / "compare.json", {"config": str(args.config), "quick": args.quick, "results": results})

@@ -44,6 +44,10 @@ def test_quick_comparison_runs_every_variant_in_order(quick_run):
         assert 0.0 <= r["knn20_top1"] <= 100.0
         assert (out / r["variant"] / "run" / "export" / "teacher_backbone.safetensors").is_file()
         assert json.loads((out / r["variant"] / "knn" / "results_knn.json").read_text())["results"]
+        # the same architecture at random init (seed 0) is the row's baseline
+        rnd = json.loads((out / r["variant"] / "knn_random_init" / "results_knn.json").read_text())
+        assert rnd["results"][0]["top1"] == r["knn20_random_init"] and rnd["weights_source"].endswith("(init seed 0)")
+        assert rnd["model"] == r["backbone"]
     by_name = {r["variant"]: r for r in results}
     # the ViT is a real timm ViT with its [CLS] token, matched in parameters to the ViL2 within 25 %
     assert by_name["vit_matched"]["backbone"].startswith("vit_") and by_name["vit_matched"]["pooling"] == "cls"
