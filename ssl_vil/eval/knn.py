@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.eval.options import BACKENDS, DEFAULT_CROP_PCT, FEATURE_SPECS, EvalInputsConfig, refuse_pipe_urls
+from ssl_vil.eval.options import (BACKENDS, DEFAULT_CROP_PCT, FEATURE_SPECS, EvalInputsConfig, default_num_workers,
+                                  refuse_pipe_urls)
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 
 if TYPE_CHECKING:  # the work's modules (torch, torchvision, timm) load when an evaluation runs, not for --help
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--faiss-fp16", action="store_true", help="faiss GPU index in float16")
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per process")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="loader workers per process (default: 4, at most the CPU cores)")
     p.add_argument("--img-size", type=int, default=None, help="default: the model's pretraining size")
     p.add_argument("--crop-pct", type=float, default=None,
                    help="center-crop fraction (resize = img_size / crop_pct); "

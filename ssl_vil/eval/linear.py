@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.eval.options import DEFAULT_CROP_PCT, DEFAULT_LRS, EvalInputsConfig, refuse_pipe_urls
+from ssl_vil.eval.options import (DEFAULT_CROP_PCT, DEFAULT_LRS, EvalInputsConfig, default_num_workers,
+                                  refuse_pipe_urls)
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 
 if TYPE_CHECKING:  # the work's modules (torch, torchvision, timm) load when an evaluation runs, not for --help
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--precompute-features", action="store_true",
                    help="train on un-augmented features extracted once (fast on CPU) instead of augmented images")
-    p.add_argument("--num-workers", type=int, default=4)
+    p.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="loader workers per process (default: 4, at most the CPU cores)")
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None,
                    help=f"eval center-crop fraction (default {DEFAULT_CROP_PCT})")

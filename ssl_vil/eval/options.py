@@ -7,6 +7,7 @@ The modules doing the work re-export them (``ssl_vil.eval.inputs.EvalInputsConfi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,3 +59,12 @@ def refuse_pipe_urls(cfg: EvalInputsConfig) -> None:
         if str(value).startswith("pipe:"):
             raise invalid(key, value, "a shard dir / glob / http(s) URL or an ImageFolder directory; pipe: URLs "
                           "(shell commands) are not supported by the evaluation commands: fetch the shards first")
+
+
+def default_num_workers() -> int:
+    """Loader workers per process by default: 4, or fewer on a machine (or a Slurm allocation) with fewer cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no sched_getaffinity (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
