@@ -127,15 +127,19 @@ def run_variant(v: Variant, base: Path, out: Path, train: Path, val: Path, knn_k
     if code:
         raise RuntimeError(f"variant {v.name!r}: pretraining stopped with exit code {code}; see {vdir / 'run'}")
     wall = time.perf_counter() - t0
+    # eval/knn.py's default feature is the one the DINO head was trained on (the mean token for an "avg" run)
     res = knn(["--weights", str(vdir / "run"), "--train-data", str(train), "--val-data", str(val),
                "--k", *map(str, knn_k), "--num-workers", "0", "--output-dir", str(vdir / "knn")])
     top1 = {r["k"]: r["top1"] for r in res["results"]}
     res0 = knn(["--weights", f"random:{vdir / 'run'}", "--init-seed", str(seed), "--train-data", str(train),
-                "--val-data", str(val), "--k", "20", "--num-workers", "0", "--output-dir", str(vdir / "knn_random_init")])
+                "--val-data", str(val), "--k", "20", "--num-workers", "0",
+                "--output-dir", str(vdir / "knn_random_init")])
     m = v.cfg.model
     result = {"variant": v.name, "backbone": m.name, "overrides": v.overrides, **backbone_cost(v.cfg),
               "img_per_s": mean_img_per_s(vdir / "run"), "knn20_top1": top1[20],
-              "knn20_random_init": res0["results"][0]["top1"], "knn_top1": {str(k): t for k, t in top1.items()}, "pooling": v.cfg.objective.pooling,
+              "knn20_random_init": res0["results"][0]["top1"],
+              "knn_features": res["features"]["spec"], "knn_top1": {str(k): t for k, t in top1.items()},
+              "pooling": v.cfg.objective.pooling,
               "steps": v.cfg.derived.total_steps, "wall_min": wall / 60}
     write_json_atomic(vdir / RESULT_FILE, result)
     return result

@@ -48,6 +48,11 @@ def test_quick_comparison_runs_every_variant_in_order(quick_run):
         rnd = json.loads((out / r["variant"] / "knn_random_init" / "results_knn.json").read_text())
         assert rnd["results"][0]["top1"] == r["knn20_random_init"] and rnd["weights_source"].endswith("(init seed 0)")
         assert rnd["model"] == r["backbone"]
+        # k-NN reads the feature the head was trained on: the mean patch token for an "avg" run
+        trained = json.loads((out / r["variant"] / "knn" / "results_knn.json").read_text())
+        expected = ("avg", "bilateral_concat") if r["pooling"] == "avg" else ("cls", r["pooling"])
+        assert (trained["features"]["spec"], trained["features"]["cls_pooling"]) == expected
+        assert rnd["features"]["spec"] == expected[0]
     by_name = {r["variant"]: r for r in results}
     # the ViT is a real timm ViT with its [CLS] token, matched in parameters to the ViL2 within 25 %
     assert by_name["vit_matched"]["backbone"].startswith("vit_") and by_name["vit_matched"]["pooling"] == "cls"

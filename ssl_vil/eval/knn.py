@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split name when --val-data holds several (default: 'val' if present)")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
-    p.add_argument("--features", choices=FEATURE_SPECS, default="cls",
-                   help='"[CLS]" = bilateral pooled token (default), "[AVG]" = mean token, or their concat')
+    p.add_argument("--features", choices=FEATURE_SPECS, default=None,
+                   help='"[CLS]" = the pooled token (a ViL\'s bilateral concat or middle token, a ViT\'s class token), '
+                        '"[AVG]" = mean patch token, or their concat; default: the feature the DINO head was trained '
+                        'on (avg for a run with objective.pooling=avg, else cls), as the in-training k-NN monitor')
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--faiss-fp16", action="store_true", help="faiss GPU index in float16")
     p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per process")
@@ -84,7 +86,7 @@ class KnnEvalConfig(EvalInputsConfig):
 
     k: list[int]
     temperature: float
-    features: str
+    features: str | None
     backend: str
     faiss_fp16: bool
     init_seed: int
@@ -146,13 +148,14 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     transform = eval_transform(img_size, info["mean"], info["std"], crop_pct)
     pixels = is_pixels(args.weights)
     cls_pooling = "pixels" if pixels else feats.cls_pooling_of(model, info)
+    spec = args.features or _trained_feature(info)
     layout = None if pixels else token_layout(model)
     t_loaded = time.perf_counter()
 
     def feature_fn(images: torch.Tensor) -> torch.Tensor:
         if pixels:  # (B, C*H*W): no tokens to pool
             return model.forward_features(images)
-        return feats.pooled_features(model.forward_features(images), args.features, cls_pooling, layout)
+        return feats.pooled_features(model.forward_features(images), spec, cls_pooling, layout)
 
     sets: dict[str, feats.FeatureSet] = {}
     sizes: dict[str, int] = {}
@@ -202,7 +205,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "model": info["model"],
         "model_kwargs": info.get("kwargs", {}),
         "features": {
-            "spec": "pixels" if pixels else args.features, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
+            "spec": "pixels" if pixels else spec, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
             "img_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
             "mean": list(info["mean"]), "std": list(info["std"]),
         },
@@ -220,7 +223,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "elapsed": times,
     }
     summary = "kNN ({} {}, T={:g}, n_train={}, n_val={}): ".format(
-        "input" if pixels else args.features, cls_pooling if pixels or args.features != "avg" else "mean", args.temperature, sizes["train"],
+        "input" if pixels else spec, cls_pooling if pixels or spec != "avg" else "mean", args.temperature, sizes["train"],
         sizes["val"]) + "; ".join(
         f"k={c.k}{'' if c.k == c.k_effective else f'(={c.k_effective})'} top1 {c.top1:.2f} top5 {c.top5:.2f}"
         for c in counts)
@@ -232,6 +235,16 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         print(summary, flush=True)
     barrier()
     return results
+
+
+def _trained_feature(info: dict[str, Any]) -> str:
+    """The feature the run's DINO head was trained on: "avg" for a run that pooled the mean token, else "cls"."""
+    from ssl_vil.backbones.pooling import canonical_pooling
+
+    try:
+        return "avg" if canonical_pooling(str(info.get("pooling") or "")) == "avg" else "cls"
+    except ValueError:  # no or an unknown pooling recorded: the backbone's own [CLS]
+        return "cls"
 
 
 def _check_count(split: str, source: Any, read: int, device: torch.device) -> int:
