@@ -182,7 +182,7 @@ def test_explicit_defaults() -> None:
 def test_cpu_cluster_requests_no_gpus(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # overrides may sit between launcher options
     rc = submit_cli.main(["--config", str(DEMO_RECIPE), *SHORT[:1], "--output-dir", str(tmp_path / "r"), "--nodes",
-                          "2", "--gpus-per-node", "2", *SHORT[1:], "--cpu", "--dry-run"])
+                          "2", "--gpus-per-node", "2", *SHORT[1:], "data.num_workers=1", "--cpu", "--dry-run"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "#SBATCH --ntasks-per-node=2" in out and "gpus" not in _sbatch_part(out)

@@ -59,7 +59,7 @@ def tiny_overrides(shards: Path, *, total_steps: int = 40, batch: int = 8, objec
         f"optim.global_batch_size={batch}", f"schedule.total_steps={total_steps}", "schedule.warmup_steps=4",
         "schedule.freeze_last_layer_steps=2", "checkpoint.every_steps=5", "checkpoint.keep_last=3",
         "logging.log_every_steps=10", "logging.tensorboard=false",
-        "guards.spike_detection=false",
+        "guards.spike_detection=false", "objective.pooling=auto",  # ViL's default [CLS]: bilateral concat
     ]
 
 
