@@ -118,7 +118,8 @@ def test_unloadable_but_hashed_payload_falls_back_to_previous_step(base, tmp_pat
     root, ref = base
     run = copy_run(base, tmp_path)
     _plant_unloadable_but_hashed(run / "checkpoints" / STEP_DIRS[1])
-    assert latest_checkpoint(run) == run / "checkpoints" / STEP_DIRS[1]  # the hashes are fine
+    # The hashes are fine, but the launcher's resume point is the step the trainer will resume from.
+    assert latest_checkpoint(run) == run / "checkpoints" / STEP_DIRS[0]
     proc = train(run, overrides_for(root / "shards"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
