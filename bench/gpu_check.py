@@ -74,8 +74,8 @@ def ssl_step_fn(recipe: Path, overrides: list[str], batch: int, device: torch.de
     torch.manual_seed(0)
     objective = build_ssl_objective(cfg).to(device)
     optimizer = build_optimizer(cfg, objective.student)
-    student = objective.wrap_student(torch.compile) if compiled else objective.student
-    del student  # the objective's forward goes through the wrapped student
+    if compiled:  # the objective's forward then goes through the compiled student, as train.compile=true does
+        objective.wrap_student(torch.compile)
     a = cfg.data.augment
     grid = a.global_size // cfg.model.patch_size
     collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # torch / timm load when weights are read or written, not for
     import torch
     from torch import nn
 
+    from ssl_vil.checkpoint import LoadedCheckpoint
     from ssl_vil.config import RunConfig
 
 EXPORT_WEIGHTS = "teacher_backbone.safetensors"
@@ -137,25 +138,25 @@ def _run_dir_of(checkpoint_dir: Path) -> Path:
     return checkpoint_dir.parent.parent  # RUN/checkpoints/step_XXXXXXXX
 
 
-def _load_checkpoint_objective(step_dir: Path) -> dict[str, torch.Tensor]:
-    from ssl_vil.checkpoint import CheckpointManager
-
-    loaded = CheckpointManager.load_folder(step_dir)
-    return loaded.payload["objective"]
-
-
-def _find_step_dir(run_dir: Path, step: int | None) -> Path:
-    from ssl_vil.checkpoint import latest_checkpoint
+def _load_step(run_dir: Path, step: int | None) -> LoadedCheckpoint:
+    """Checkpoint ``step`` of ``run_dir`` (default: the newest usable one), verified and loaded once."""
+    from ssl_vil.checkpoint import load_latest_checkpoint
 
     if step is None:
-        found = latest_checkpoint(run_dir)
-        if found is None:
+        loaded = load_latest_checkpoint(run_dir)
+        if loaded is None:
             raise FileNotFoundError(f"{run_dir}: no valid checkpoint under {run_dir / 'checkpoints'}")
-        return found
+        return loaded
     p = run_dir / "checkpoints" / f"step_{step:08d}"
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no checkpoint for step {step}")
-    return p
+    return _load_folder(p)
+
+
+def _load_folder(step_dir: Path) -> LoadedCheckpoint:
+    from ssl_vil.checkpoint import CheckpointManager
+
+    return CheckpointManager.load_folder(step_dir)
 
 
 def canonical_safetensors(data: bytes) -> bytes:
@@ -176,8 +177,9 @@ def export_run(run_dir: str | Path, step: int | None = None) -> Path:
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", world_size=1)
-    step_dir = _find_step_dir(run_dir, step)
-    sd = teacher_backbone_state(_load_checkpoint_objective(step_dir))
+    loaded = _load_step(run_dir, step)
+    step_dir = loaded.path
+    sd = teacher_backbone_state(loaded.payload["objective"])
     if is_vit_run(cfg):
         from ssl_vil.backbones.vit_adapter import timm_state_dict
 
@@ -241,13 +243,13 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
 
     path = Path(weights)
     if path.is_dir() and (path / "config.yaml").exists():
-        step_dir = _find_step_dir(path, None)
+        loaded = _load_step(path, None)
         cfg = load_config(path / "config.yaml", world_size=1)
-        info, sd = model_info(cfg), teacher_backbone_state(_load_checkpoint_objective(step_dir))
-        info["source"] = str(step_dir)
+        info, sd = model_info(cfg), teacher_backbone_state(loaded.payload["objective"])
+        info["source"] = str(loaded.path)
     elif path.is_dir() and (path / "manifest.json").exists():
         cfg = load_config(_run_dir_of(path) / "config.yaml", world_size=1)
-        info, sd = model_info(cfg), teacher_backbone_state(_load_checkpoint_objective(path))
+        info, sd = model_info(cfg), teacher_backbone_state(_load_folder(path).payload["objective"])
         info["source"] = str(path)
     elif path.is_file() and model is None and (described := read_export_metadata(path)) is not None:
         info = _info_from_metadata(described)

@@ -29,7 +29,7 @@ from ssl_vil.checkpoint.errors import (
     CheckpointWriteError,
 )
 from ssl_vil.checkpoint.fingerprint import config_hash
-from ssl_vil.checkpoint.manager import CheckpointManager, LoadedCheckpoint, latest_checkpoint
+from ssl_vil.checkpoint.manager import CheckpointManager, LoadedCheckpoint, latest_checkpoint, load_latest_checkpoint
 from ssl_vil.checkpoint.manifest import FORMAT_VERSION, verify_step_dir
 from ssl_vil.checkpoint.rng import capture_rng_state, restore_rng_state
 
@@ -44,6 +44,7 @@ __all__ = [
     "capture_rng_state",
     "config_hash",
     "latest_checkpoint",
+    "load_latest_checkpoint",
     "restore_rng_state",
     "verify_step_dir",
 ]

@@ -139,18 +139,23 @@ def _newest_verified(
     raise CheckpointVerificationError(f"no checkpoint under {ckpt_dir} passes verification: " + "; ".join(failures))
 
 
-def latest_checkpoint(run_dir: Path | str) -> Path | None:
-    """The newest *usable* step folder of ``run_dir``, or None when the run has no checkpoint yet.
+def load_latest_checkpoint(run_dir: Path | str) -> LoadedCheckpoint | None:
+    """The newest *usable* checkpoint of ``run_dir``, loaded; None when the run has no checkpoint yet.
 
-    The one place that decides where a run resumes: the trainer (via :meth:`CheckpointManager.load_latest`,
-    which applies the same rule) and the Slurm launcher both use it. Temp folders and empty step folders are
-    ignored; a newest folder that fails verification, or whose verified files cannot be unpickled, is logged and
-    skipped. Raises :class:`CheckpointVerificationError` if step folders exist but none is usable. Cost: one read
-    and ``torch.load`` of the chosen folder (plus any newer broken ones); read-only, safe to call while nothing is
-    writing.
+    The one rule that decides where a run resumes (the trainer's :meth:`CheckpointManager.load_latest` and the
+    Slurm launcher's resume point both follow it): temp folders and empty step folders are ignored; a newest folder
+    that fails verification, or whose verified files cannot be unpickled, is logged and skipped. Raises
+    :class:`CheckpointVerificationError` if step folders exist but none is usable. Read-only, safe to call while
+    nothing is writing.
     """
     found = _newest_verified(checkpoints_dir(Path(run_dir)), CheckpointManager.load_folder)
-    return None if found is None else found[0]
+    return None if found is None else found[1]
+
+
+def latest_checkpoint(run_dir: Path | str) -> Path | None:
+    """The folder of :func:`load_latest_checkpoint` (which it reads and loads to decide), or None."""
+    loaded = load_latest_checkpoint(run_dir)
+    return None if loaded is None else loaded.path
 
 
 class CheckpointManager:

@@ -39,6 +39,15 @@ def cls_pooling_of(model: nn.Module, info: Mapping[str, Any] | None = None) -> s
     return kind
 
 
+def trained_feature(info: Mapping[str, Any]) -> str:
+    """The feature spec the run's DINO head was trained on: "avg" for a run that pooled the mean token, else "cls"
+    (what the in-training k-NN monitor reads)."""
+    try:
+        return "avg" if canonical_pooling(str(info.get("pooling") or "")) == "avg" else "cls"
+    except ValueError:  # no or an unknown pooling recorded: the backbone's own [CLS]
+        return "cls"
+
+
 def pooled_features(tokens: torch.Tensor, spec: str, cls_pooling: str = "bilateral_concat",
                     layout: TokenLayout | None = None) -> torch.Tensor:
     """Final-norm tokens (B, L, d) -> features (B, D) for ``spec`` in FEATURE_SPECS (not normalised).

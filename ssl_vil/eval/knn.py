@@ -148,7 +148,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
     transform = eval_transform(img_size, info["mean"], info["std"], crop_pct)
     pixels = is_pixels(args.weights)
     cls_pooling = "pixels" if pixels else feats.cls_pooling_of(model, info)
-    spec = args.features or _trained_feature(info)
+    spec = "pixels" if pixels else args.features or feats.trained_feature(info)
     layout = None if pixels else token_layout(model)
     t_loaded = time.perf_counter()
 
@@ -205,7 +205,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "model": info["model"],
         "model_kwargs": info.get("kwargs", {}),
         "features": {
-            "spec": "pixels" if pixels else spec, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
+            "spec": spec, "cls_pooling": cls_pooling, "dim": dim, "l2_normalized": True,
             "img_size": img_size, "crop_pct": crop_pct, "interpolation": "bicubic",
             "mean": list(info["mean"]), "std": list(info["std"]),
         },
@@ -223,7 +223,7 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         "elapsed": times,
     }
     summary = "kNN ({} {}, T={:g}, n_train={}, n_val={}): ".format(
-        "input" if pixels else spec, cls_pooling if pixels or spec != "avg" else "mean", args.temperature, sizes["train"],
+        "input" if pixels else spec, "mean" if spec == "avg" else cls_pooling, args.temperature, sizes["train"],
         sizes["val"]) + "; ".join(
         f"k={c.k}{'' if c.k == c.k_effective else f'(={c.k_effective})'} top1 {c.top1:.2f} top5 {c.top5:.2f}"
         for c in counts)
@@ -235,16 +235,6 @@ def evaluate(args: KnnEvalConfig, dist: DistInfo) -> dict[str, Any]:
         print(summary, flush=True)
     barrier()
     return results
-
-
-def _trained_feature(info: dict[str, Any]) -> str:
-    """The feature the run's DINO head was trained on: "avg" for a run that pooled the mean token, else "cls"."""
-    from ssl_vil.backbones.pooling import canonical_pooling
-
-    try:
-        return "avg" if canonical_pooling(str(info.get("pooling") or "")) == "avg" else "cls"
-    except ValueError:  # no or an unknown pooling recorded: the backbone's own [CLS]
-        return "cls"
 
 
 def _check_count(split: str, source: Any, read: int, device: torch.device) -> int:
