@@ -4,11 +4,20 @@ Usage::
 
     python -m ssl_vil.data.make_shards SRC OUT_DIR [--split train|val] [--maxcount N] [--maxsize BYTES]
                                        [--workers N] [--name NAME] [--shuffle-seed S | --no-shuffle] [--verify]
-                                       [--classes-from PATH]
+                                       [--classes-from PATH] [--masks DIR [--mask-classes FILE]]
 
-``SRC`` is an ImageFolder root (``SRC/<class>/<image>``), a text file of ``path[<TAB>label]`` lines, or
+``SRC`` is an ImageFolder root (``SRC/<class>/<image>``), a text file of ``path[<TAB>label]`` lines,
 ``builtin:digits`` (scikit-learn's 1797 digits as 32x32 RGB PNGs; ``--split`` picks the fixed train (1297) or
-val (500) part). Shards are ``OUT_DIR/<name>-<split>-000000.tar``...; several splits can share ``OUT_DIR``.
+val (500) part), or ``builtin:digits-seg`` (128x128 canvases of digits with segmentation masks; train 1000, val
+200; see :mod:`ssl_vil.data.digits_seg`). Shards are ``OUT_DIR/<name>-<split>-000000.tar``...; several splits
+can share ``OUT_DIR``.
+
+Segmentation: with ``--masks DIR``, ``SRC`` is a directory of images, flat or nested (``SRC/**/<image>``; its
+sub-directories are not classes), and the mask of ``SRC/<rel>/<stem>.<ext>`` is ``DIR/<rel>/<stem>.png`` (one
+class index per pixel, mode L or P); an image without its mask is refused before any shard is written.
+``--mask-classes FILE`` (one class name per line; line n names mask value n - 1) becomes the manifest's
+``classes``. Each record then also holds ``<key>.mask.png``, and the manifest records ``"masks": true``;
+``builtin:digits-seg`` writes its masks and its 11 class names (background, 0-9) the same way.
 
 Labels index the source's own class list unless ``--classes-from`` names another one (an ImageFolder root, a
 ``manifest-<split>.json``, or a shard directory with one manifest): then they index that list, matched by name, so
@@ -45,7 +54,7 @@ from ssl_vil.data.manifest import (
     read_manifest,
     write_manifest,
 )
-from ssl_vil.data.sources import DIGITS_SPEC, Source, image_folder_classes, open_source
+from ssl_vil.data.sources import DIGITS_SEG_SPEC, DIGITS_SPEC, Source, image_folder_classes, open_source
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 from ssl_vil.infra.files import write_bytes_atomic
 
@@ -80,9 +89,11 @@ class OutputConflict(DataConfigError):
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("src", help=f"ImageFolder root, text file list, or {DIGITS_SPEC}")
+    parser.add_argument("src", help=f"ImageFolder root, text file list, {DIGITS_SPEC} or {DIGITS_SEG_SPEC}; with "
+                                    "--masks, a directory of images")
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--split", default="train", help="split name in the shard file names (digits: train|val)")
+    parser.add_argument("--split", default="train",
+                        help="split name in the shard file names (digits, digits-seg: train|val)")
     parser.add_argument("--maxcount", type=int, default=1000, help="records per shard at most (default 1000)")
     parser.add_argument("--maxsize", type=int, default=500_000_000, help="bytes per shard at most (default 5e8)")
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
@@ -94,9 +105,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--classes-from", default=None, metavar="PATH",
                         help="index labels by this class list (ImageFolder root, manifest-<split>.json, or a shard "
                              "dir with one manifest) instead of the source's own")
+    parser.add_argument("--masks", type=Path, default=None, metavar="DIR",
+                        help="segmentation masks: the mask of SRC/<rel>/<stem>.<ext> is DIR/<rel>/<stem>.png "
+                             "(SRC is then a flat or nested directory of images, not of classes)")
+    parser.add_argument("--mask-classes", type=Path, default=None, metavar="FILE",
+                        help="names of the mask values, one per line (line n names value n - 1); with --masks")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be >= 1")
+    if args.mask_classes is not None and args.masks is None:
+        parser.error("--mask-classes needs --masks DIR")
     return args
 
 
@@ -204,10 +222,16 @@ def make_shards(
     verify: bool = False,
     progress: bool = True,
     classes_from: str | os.PathLike[str] | None = None,
+    masks: str | os.PathLike[str] | None = None,
+    mask_classes: str | os.PathLike[str] | None = None,
 ) -> Manifest:
     """Write (or finish) the shards of ``split``; returns its manifest. See the module docstring."""
     _load_writer()
-    source = open_source(src, split)
+    source = open_source(src, split, masks=None if masks is None else Path(masks),
+                         mask_classes=None if mask_classes is None else Path(mask_classes))
+    if classes_from is not None and source.has_masks:
+        raise DataConfigError("--classes-from relabels image-level classes; a segmentation source has none (name "
+                              "its mask values with --mask-classes)")
     if classes_from is not None:
         _reindex(source, reference_classes(classes_from), str(classes_from))
     if name is not None:
@@ -264,6 +288,8 @@ def make_shards(
         extra={"source": source.description, "plan_digest": plan.digest, "options": plan.options,
                "skipped": skipped},
     )
+    if source.has_masks:
+        manifest.extra["masks"] = True  # tells readers the split has masks without opening a shard
     write_manifest(manifest)
     plan_file.unlink(missing_ok=True)
     return manifest
@@ -276,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = make_shards(
             args.src, args.out_dir, split=args.split, maxcount=args.maxcount, maxsize=args.maxsize,
             workers=args.workers, name=args.name, shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
-            verify=args.verify, classes_from=args.classes_from,
+            verify=args.verify, classes_from=args.classes_from, masks=args.masks, mask_classes=args.mask_classes,
         )
     except DataConfigError as exc:
         print(f"make_shards: error: {exc}", file=sys.stderr)

@@ -5,7 +5,9 @@ recorded, so an interrupted run can be resumed and a finished one recognised. Ea
 temporary and renamed into place when complete (:func:`ssl_vil.infra.files.atomic_output`), so a shard file that
 exists is a whole shard. Image bytes are stored as they are (no re-encoding); each record holds
 ``<key>.<ext>`` (the image), ``<key>.cls`` (integer label, when labelled) and ``<key>.json``
-(``{"source": ..., "class": ...}``). Tar member times are fixed (mtime 0) so equal inputs give equal shards.
+(``{"source": ..., "class": ...}``). A segmentation item's record also holds ``<key>.mask.png`` (its mask, as
+stored; member extension ``mask.png``, which no image reader takes for the image) and ``"mask": <mask source>`` in
+its json. Tar member times are fixed (mtime 0) so equal inputs give equal shards.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import webdataset as wds
 from PIL import Image
 
 from ssl_vil.data.seeding import permutation, stable_seed
-from ssl_vil.data.sources import Source, SourceItem, read_item_bytes
+from ssl_vil.data.sources import MASK_MEMBER, Source, SourceItem, read_item_bytes, read_mask_bytes
 from ssl_vil.infra.files import atomic_output
 
 PLAN_FORMAT = "ssl_vil.shard-plan/1"
+MASK_MODES = ("L", "P")  # one class index per pixel
 _TAR_BLOCK = 512
 
 
@@ -49,10 +52,14 @@ class ShardResult:
     skipped: list[tuple[str, str]]  # (source ref, reason)
 
 
+def _padded(size: int) -> int:
+    return -(-size // _TAR_BLOCK) * _TAR_BLOCK
+
+
 def _tar_bytes(item: SourceItem) -> int:
-    """Estimated tar bytes of one record: image, cls and json members with their headers."""
-    padded = -(-item.size // _TAR_BLOCK) * _TAR_BLOCK
-    return padded + 3 * _TAR_BLOCK + 2 * _TAR_BLOCK
+    """Estimated tar bytes of one record: image, cls and json members with their headers (and the mask's)."""
+    mask = 0 if item.mask_ref is None else _padded(item.mask_size) + _TAR_BLOCK
+    return _padded(item.size) + 3 * _TAR_BLOCK + 2 * _TAR_BLOCK + mask
 
 
 def plan_shards(
@@ -87,10 +94,16 @@ def plan_shards(
     if classes_from is not None:
         options["classes_from"] = classes_from
         options["classes"] = list(source.classes)
+    if source.has_masks:
+        # The mask value names (e.g. from --mask-classes) go to the manifest: another list is another output.
+        options["masks"] = True
+        options["mask_classes"] = list(source.classes)
     h = hashlib.sha256(json.dumps({"source": source.description, "split": split, "options": options}).encode())
     for index, shard in enumerate(shards):
         for item in shard:
-            h.update(f"{index}\t{item.key}\t{item.label}\t{item.ext}\t{item.ref}\t{item.size}\n".encode())
+            # The mask joins the line only when there is one, so plans of sources without masks keep their digests.
+            mask = "" if item.mask_ref is None else f"\t{item.mask_ref}\t{item.mask_size}"
+            h.update(f"{index}\t{item.key}\t{item.label}\t{item.ext}\t{item.ref}\t{item.size}{mask}\n".encode())
     return ShardPlan(f"{source.name}-{split}", shards, options, h.hexdigest())
 
 
@@ -105,6 +118,19 @@ def _check_image(data: bytes, verify: bool) -> str | None:
         return None
     except Exception as exc:  # PIL raises many types for bad bytes
         return f"{type(exc).__name__}: {exc}"
+
+
+def _check_mask(mask: bytes, image: bytes, verify: bool) -> str | None:
+    """None if ``mask`` is a one-channel (``L`` / ``P``) image of the image's size, else what is wrong with it."""
+    problem = _check_image(mask, verify)
+    if problem is not None:
+        return f"mask is not a decodable image: {problem}"
+    with Image.open(io.BytesIO(mask)) as m, Image.open(io.BytesIO(image)) as i:
+        if m.mode not in MASK_MODES:
+            return f"mask has mode {m.mode}, expected one class index per pixel (mode {' or '.join(MASK_MODES)})"
+        if m.size != i.size:
+            return f"mask is {m.size[0]}x{m.size[1]} but its image is {i.size[0]}x{i.size[1]}"
+    return None
 
 
 def file_sha256(path: Path) -> str:
@@ -123,7 +149,8 @@ def write_shard(
     verify: bool,
     on_item: Callable[[], None] | None = None,
 ) -> ShardResult:
-    """Write ``items`` as one shard at ``path`` (atomically); unreadable or non-image files are skipped."""
+    """Write ``items`` as one shard at ``path`` (atomically); unreadable or non-image files are skipped, and so
+    are segmentation items whose mask is unreadable, not one-channel or not of the image's size."""
     skipped: list[tuple[str, str]] = []
     count = 0
     with atomic_output(path) as handle:
@@ -139,10 +166,23 @@ def write_shard(
                 if problem is not None:
                     skipped.append((item.ref, f"not a decodable image: {problem}"))
                     continue
+                try:
+                    mask = read_mask_bytes(item)
+                except OSError as exc:
+                    skipped.append((item.ref, f"mask {item.mask_ref} unreadable: {exc}"))
+                    continue
+                if mask is not None:
+                    problem = _check_mask(mask, data, verify)
+                    if problem is not None:
+                        skipped.append((item.ref, f"{problem} ({item.mask_ref})"))
+                        continue
                 meta: dict[str, object] = {"source": item.ref}
                 if 0 <= item.label < len(classes):
                     meta["class"] = classes[item.label]
                 sample: dict[str, object] = {"__key__": item.key, item.ext: data, "json": meta}
+                if mask is not None:
+                    meta["mask"] = item.mask_ref
+                    sample[MASK_MEMBER] = mask
                 if item.label >= 0:
                     sample["cls"] = item.label
                 writer.write(sample)

@@ -1,8 +1,10 @@
-"""Image sources the shard writer reads: an ImageFolder tree, a text file list, or the built-in digits set.
+"""Image sources the shard writer reads: an ImageFolder tree, a text file list, the built-in digits set, or a
+segmentation set (a folder of images with a parallel folder of masks, or the built-in ``builtin:digits-seg``).
 
-A source is a list of :class:`SourceItem` (key, label, image extension, where the bytes come from, byte size)
-plus the class names the labels index. Keys are sanitised for webdataset (only ``[A-Za-z0-9_-]``, so never a dot,
-at most 120 characters) and made unique by suffixing ``_1``, ``_2``... in source order.
+A source is a list of :class:`SourceItem` (key, label, image extension, where the bytes come from, byte size,
+and for segmentation the mask's location and size) plus the class names the labels index (for segmentation: the
+names of the mask values). Keys are sanitised for webdataset (only ``[A-Za-z0-9_-]``, so never a dot, at most 120
+characters) and made unique by suffixing ``_1``, ``_2``... in source order.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssl_vil.data.digits_seg import DIGITS_SEG_CLASSES, DIGITS_SEG_SPEC, digits_seg_keys, digits_seg_png_bytes
 from ssl_vil.data.errors import DataConfigError
 
 SOURCE_IMAGE_SUFFIXES = {
@@ -23,6 +26,8 @@ SOURCE_IMAGE_SUFFIXES = {
 }
 DIGITS_SPEC = "builtin:digits"
 DIGITS_TRAIN = 1297  # of 1797; the rest (500) is the val split
+MASK_SUFFIX = ".png"  # a mask file is <stem>.png in a tree parallel to its image's <stem>.<ext>
+MASK_MEMBER = "mask.png"  # tar member extension of a mask: <key>.mask.png next to the image <key>.<ext>
 _MAX_KEY = 120
 
 
@@ -31,8 +36,10 @@ class SourceItem:
     key: str
     label: int  # -1 when unlabeled
     ext: str  # image member extension
-    ref: str  # file path, or "digits:<index>"
+    ref: str  # file path, "digits:<index>" or "digits-seg:<split>:<index>"
     size: int  # bytes of the image
+    mask_ref: str | None = None  # segmentation mask (PNG): file path or "digits-seg-mask:<split>:<index>"
+    mask_size: int = 0  # bytes of the mask
 
 
 @dataclass(slots=True)
@@ -41,6 +48,11 @@ class Source:
     description: str
     items: list[SourceItem]
     classes: list[str] = field(default_factory=list)
+
+    @property
+    def has_masks(self) -> bool:
+        """True for a segmentation source: every item has a mask."""
+        return bool(self.items) and all(item.mask_ref is not None for item in self.items)
 
 
 def sanitize_key(text: str) -> str:
@@ -192,8 +204,87 @@ def digits_source(split: str) -> Source:
     return Source("digits", DIGITS_SPEC, items, [str(d) for d in range(10)])
 
 
-def open_source(spec: str, split: str) -> Source:
-    """The source named by ``spec``: ``builtin:digits``, an ImageFolder directory, or a text file list."""
+def digits_seg_source(split: str) -> Source:
+    """``builtin:digits-seg``: canvases of digits with their masks (see :mod:`ssl_vil.data.digits_seg`)."""
+    images, masks = digits_seg_png_bytes(split)
+    items = [
+        SourceItem(key, -1, "png", f"digits-seg:{split}:{n}", len(images[n]), f"digits-seg-mask:{split}:{n}",
+                   len(masks[n]))
+        for n, key in enumerate(digits_seg_keys(split))
+    ]
+    return Source("digits-seg", DIGITS_SEG_SPEC, items, list(DIGITS_SEG_CLASSES))
+
+
+def read_class_names(path: Path) -> list[str]:
+    """One class name per line (index = line number, from 0); names must be non-empty and distinct."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise DataConfigError(f"{path}: cannot read the class names ({exc})") from exc
+    names = [line.strip() for line in lines]
+    for lineno, name in enumerate(names, 1):
+        if not name:
+            raise DataConfigError(f"{path}:{lineno}: empty class name (line n names mask value n - 1)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataConfigError(f"{path}: class names repeat: {repeated[:10]}")
+    if not names:
+        raise DataConfigError(f"{path}: no class names (expected one per line)")
+    return names
+
+
+def mask_for(image: Path, images_root: Path, masks_root: Path) -> Path:
+    """The mask of ``images_root/<rel>/<stem>.<ext>``: ``masks_root/<rel>/<stem>.png``."""
+    return (masks_root / image.relative_to(images_root)).with_suffix(MASK_SUFFIX)
+
+
+def mask_folder_source(images_root: Path, masks_root: Path, classes_file: Path | None = None) -> Source:
+    """Images ``images_root/**/<image>`` (flat or nested; sub-directories are not classes) with their masks.
+
+    The mask of ``images_root/<rel>/<stem>.<ext>`` is ``masks_root/<rel>/<stem>.png``; every image needs one, so
+    a missing mask is refused here, before anything is written. Labels are -1; ``classes`` are the names of the
+    mask values, from ``classes_file`` (one per line), or empty when not given.
+    """
+    images_root, masks_root = Path(images_root), Path(masks_root)
+    for role, directory in (("images", images_root), ("masks", masks_root)):
+        if not directory.is_dir():
+            raise DataConfigError(f"{directory}: the {role} directory does not exist")
+    inner = masks_root.resolve()
+    # A masks tree inside the images tree would otherwise list its PNGs as images.
+    paths = [p for p in _image_files(images_root) if not p.resolve().is_relative_to(inner)]
+    if not paths:
+        raise DataConfigError(f"{images_root}: no image files ({', '.join(sorted(SOURCE_IMAGE_SUFFIXES))})")
+    masks = [mask_for(p, images_root, masks_root) for p in paths]
+    missing = [(p, m) for p, m in zip(paths, masks) if not m.is_file()]
+    if missing:
+        image, mask = missing[0]
+        more = f" ({len(missing) - 1} more images lack their masks)" if len(missing) > 1 else ""
+        raise DataConfigError(f"image {image} has no mask: expected {mask}{more}")
+    classes = read_class_names(classes_file) if classes_file is not None else []
+    keys = unique_keys([str(p.relative_to(images_root).with_suffix("")) for p in paths])
+    items = [
+        SourceItem(k, -1, SOURCE_IMAGE_SUFFIXES[p.suffix.lower()], str(p), p.stat().st_size, str(m), m.stat().st_size)
+        for k, p, m in zip(keys, paths, masks)
+    ]
+    return Source(images_root.name, f"imagefolder:{images_root.resolve()}+masks:{masks_root.resolve()}", items,
+                  classes)
+
+
+def open_source(spec: str, split: str, *, masks: Path | None = None, mask_classes: Path | None = None) -> Source:
+    """The source named by ``spec``: ``builtin:digits``, ``builtin:digits-seg``, an ImageFolder directory, or a
+    text file list; with ``masks``, an image directory whose masks are under ``masks`` (see
+    :func:`mask_folder_source`), ``mask_classes`` naming the mask values."""
+    if spec == DIGITS_SEG_SPEC:
+        if masks is not None or mask_classes is not None:
+            raise DataConfigError(f"{DIGITS_SEG_SPEC} carries its own masks and class names; drop --masks and "
+                                  "--mask-classes")
+        return digits_seg_source(split)
+    if masks is not None:
+        if not Path(spec).is_dir():
+            raise DataConfigError(f"--masks needs SRC to be a directory of images; {spec!r} is not one")
+        return mask_folder_source(Path(spec), Path(masks), mask_classes)
+    if mask_classes is not None:
+        raise DataConfigError("--mask-classes names mask values; it needs --masks DIR")
     if spec == DIGITS_SPEC:
         return digits_source(split)
     path = Path(spec)
@@ -201,11 +292,27 @@ def open_source(spec: str, split: str) -> Source:
         return image_folder_source(path)
     if path.is_file():
         return file_list_source(path)
-    raise DataConfigError(f"source {spec!r} is neither {DIGITS_SPEC}, a directory, nor a list file")
+    raise DataConfigError(
+        f"source {spec!r} is neither {DIGITS_SPEC}, {DIGITS_SEG_SPEC}, a directory, nor a list file"
+    )
+
+
+def _read_ref(ref: str) -> bytes:
+    """The bytes a source reference names: a built-in image or mask (in memory), else a file."""
+    kind, _, rest = ref.partition(":")
+    if kind == "digits":
+        return digits_png_bytes()[0][int(rest)]
+    if kind in ("digits-seg", "digits-seg-mask"):
+        split, _, index = rest.partition(":")
+        return digits_seg_png_bytes(split)[0 if kind == "digits-seg" else 1][int(index)]
+    with open(ref, "rb") as handle:
+        return handle.read()
 
 
 def read_item_bytes(item: SourceItem) -> bytes:
-    if item.ref.startswith("digits:"):
-        return digits_png_bytes()[0][int(item.ref.split(":", 1)[1])]
-    with open(item.ref, "rb") as handle:
-        return handle.read()
+    return _read_ref(item.ref)
+
+
+def read_mask_bytes(item: SourceItem) -> bytes | None:
+    """The mask PNG of a segmentation item, None for an item without a mask."""
+    return None if item.mask_ref is None else _read_ref(item.mask_ref)

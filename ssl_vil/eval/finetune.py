@@ -59,11 +59,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     except NonFiniteError as e:
         print(f"{PROG}: fine-tuning stopped: {e}", file=sys.stderr, flush=True)
         return GUARD_EXIT_CODE
+    report_stop(PROG, result, argv)
+    return result
+
+
+def report_stop(prog: str, result: dict[str, Any] | int, argv: list[str] | None) -> None:
+    """When a signal stopped the run (``result`` is an exit code), say so and print the command that resumes."""
     if isinstance(result, int):
         why = "interrupted" if result == INTERRUPT_EXIT_CODE else "preempted"
-        command = shlex.join(["python", PROG, *(sys.argv[1:] if argv is None else argv)])
+        command = shlex.join(["python", prog, *(sys.argv[1:] if argv is None else argv)])
         print(f"{why}: checkpoint saved; resume with: {command}", file=sys.stderr, flush=True)
-    return result
 
 
 def run_cli() -> None:

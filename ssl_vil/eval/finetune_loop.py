@@ -240,7 +240,7 @@ class _Run:
                     self.save()
                     timer.start()
                 if verdict.stop:
-                    code = self._stop_exit_code()
+                    code = stop_exit_code(self.guard.preempt)
                     self.log.write({"event": "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted",
                                     "step": self.step, "exit_code": code})
                     return code
@@ -248,12 +248,14 @@ class _Run:
                     break
         return 0
 
-    def _stop_exit_code(self) -> int:
-        """Ctrl-C on any rank: the user's stop (never requeued); otherwise a preemption. Collective, once."""
-        interrupted = int(self.guard.preempt.interrupted)
-        if is_distributed():
-            interrupted = all_reduce_scalar(interrupted, "max")
-        return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
+
+
+def stop_exit_code(preempt: PreemptionFlag) -> int:
+    """Ctrl-C on any rank: the user's stop (never requeued); otherwise a preemption. Collective, once."""
+    interrupted = int(preempt.interrupted)
+    if is_distributed():
+        interrupted = all_reduce_scalar(interrupted, "max")
+    return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
 
 
 def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = True) -> dict[str, Any] | int:

@@ -44,37 +44,48 @@ def build_model(cfg: FinetuneConfig, num_classes: int) -> tuple[nn.Module, dict[
     """Classifier with ``num_classes`` outputs and drop path, initialised from ``cfg.model.weights`` (or random).
 
     Returns (model, info) with info = model.json-style ``{"model", "kwargs", "img_size", "mean", "std", ...}``.
+    """
+    m = cfg.model
+    return create_model_from(m.weights, m.name, m.kwargs, num_classes=num_classes, drop_path_rate=m.drop_path_rate,
+                             img_size=cfg.data.img_size)
+
+
+def create_model_from(weights: str | None, name: str | None, kwargs: Mapping[str, Any], *, num_classes: int,
+                      drop_path_rate: float, img_size: int | None, **extra: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """A timm model with a fresh ``num_classes`` head (0: none), its backbone from ``weights`` (or random init).
+
     The pretrained backbone is read by :func:`ssl_vil.export.load_pretrained_backbone` (any weights format) and
-    copied into a fresh model built at ``data.img_size`` (position embedding resized by
+    copied into a fresh model built at ``img_size`` (position embedding resized by
     :func:`ssl_vil.backbones.load_backbone_weights`); only the classifier keeps its fresh initialisation.
+    ``extra``: further constructor arguments (e.g. ``dynamic_img_size`` for a ViT). Returns (model, info) with
+    info = model.json-style ``{"model", "kwargs", "img_size", "mean", "std", ...}``.
     """
     import timm
 
     import ssl_vil  # noqa: F401  (registers the ViL models with timm)
     from ssl_vil.backbones import load_backbone_weights
 
-    m = cfg.model
-    if m.weights is not None:
+    if weights is not None:
         from ssl_vil.export import load_pretrained_backbone
 
-        backbone, info = load_pretrained_backbone(m.weights, m.name, **m.kwargs)
-        kwargs = dict(info["kwargs"])
-        if cfg.data.img_size is not None:
-            kwargs["img_size"] = cfg.data.img_size
+        backbone, info = load_pretrained_backbone(weights, name, **kwargs)
+        model_kwargs = dict(info["kwargs"])
+        if img_size is not None:
+            model_kwargs["img_size"] = img_size
         model = timm.create_model(info["model"], pretrained=False, num_classes=num_classes,
-                                  drop_path_rate=m.drop_path_rate, **kwargs)
+                                  drop_path_rate=drop_path_rate, **model_kwargs, **extra)
         # Strict apart from the classifier side (head, pre-head norm), which keeps its fresh init.
         load_backbone_weights(model, backbone.state_dict())
         del backbone
     else:
-        kwargs = dict(m.kwargs)
-        if cfg.data.img_size is not None:
-            kwargs["img_size"] = cfg.data.img_size
-        model = timm.create_model(m.name, pretrained=False, num_classes=num_classes,
-                                  drop_path_rate=m.drop_path_rate, **kwargs)
+        model_kwargs = dict(kwargs)
+        if img_size is not None:
+            model_kwargs["img_size"] = img_size
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path_rate,
+                                  **model_kwargs, **extra)
         pcfg = getattr(model, "pretrained_cfg", {}) or {}
-        info = {"model": m.name, "kwargs": dict(m.kwargs), "source": None,
-                "img_size": m.kwargs.get("img_size", pcfg.get("input_size", (3, 224, 224))[-1]),
+        info = {"model": name, "kwargs": dict(kwargs), "source": None,
+                "img_size": kwargs.get("img_size", pcfg.get("input_size", (3, 224, 224))[-1]),
                 "mean": list(pcfg.get("mean", DEFAULT_MEAN)), "std": list(pcfg.get("std", DEFAULT_STD))}
     return model, info
 

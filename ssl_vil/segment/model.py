@@ -1,0 +1,128 @@
+"""Backbone + decoder: the segmentation network, with the backbone's layer groups for layer-wise lr decay."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_vil.config.errors import invalid
+from ssl_vil.segment.config import SegmentConfig
+from ssl_vil.segment.decoders import build_decoder
+
+BACKBONE_PREFIX = "backbone."
+
+
+class Segmenter(nn.Module):
+    """``backbone.forward_intermediates`` maps at ``feature_indices`` -> ``decoder`` -> logits upsampled
+    (bilinear) to the input size.
+
+    x: (B, 3, H, W) -> logits (B, num_classes, H, W).
+    """
+
+    def __init__(self, backbone: nn.Module, decoder: nn.Module, feature_indices: list[int]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = decoder
+        self.feature_indices = list(feature_indices)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 3, H, W) -> the backbone's maps [(B, C, h, w), ...] at its runtime grid."""
+        # norm=True: every map passes the backbone's final per-token norm, as the pretrained features did
+        return self.backbone.forward_intermediates(x, indices=self.feature_indices, norm=True, output_fmt="NCHW",
+                                                   intermediates_only=True, stop_early=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.feature_maps(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {BACKBONE_PREFIX + name for name in getattr(self.backbone, "no_weight_decay", set)()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The backbone's layer groups (stem, blocks) under ``backbone.``; the decoder matches none of them, so
+        timm puts it in the last group, which layer decay leaves at the full lr."""
+        def prefixed(pattern: str) -> str:
+            return re.sub(r"\^", "^" + re.escape(BACKBONE_PREFIX), pattern)
+
+        groups = self.backbone.group_matcher(coarse=coarse)
+        out: dict[str, Any] = {}
+        for key, rule in groups.items():
+            if isinstance(rule, str):
+                out[key] = prefixed(rule)
+            else:
+                out[key] = [(prefixed(pattern), ordinal) for pattern, ordinal in rule]
+        return out
+
+
+def _map_channels(backbone: nn.Module, indices: list[int], img_size: int) -> list[int]:
+    """Channels of the maps at ``indices`` (a dry forward at a small size: works for any timm backbone)."""
+    was_training = backbone.training
+    backbone.eval()
+    param = next(backbone.parameters())
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
+        maps = backbone.forward_intermediates(probe, indices=indices, norm=True, output_fmt="NCHW",
+                                              intermediates_only=True, stop_early=True)
+    backbone.train(was_training)
+    return [int(m.shape[1]) for m in maps]
+
+
+def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, dict[str, Any]]:
+    """The backbone from ``cfg.model`` (pretrained weights or random init, built at the training crop size) with
+    a fresh decoder. Returns (segmenter, info) with info = model.json-style facts of the backbone."""
+    from ssl_vil.backbones.vit_adapter import is_vit_model
+    from ssl_vil.eval.finetune_setup import create_model_from
+
+    m, crop = cfg.model, cfg.data.crop_size
+    name = m.name
+    if m.weights is None and name is None:
+        raise ValueError("model.name is required without model.weights")
+    # A timm ViT maps inputs of any size to its runtime grid only when built with dynamic_img_size.
+    vit = (name is not None and is_vit_model(name))
+    extra = {"dynamic_img_size": True} if vit else {}
+    backbone, info = create_model_from(m.weights, m.name, m.kwargs, num_classes=0, drop_path_rate=m.drop_path_rate,
+                                       img_size=crop, **extra)
+    if not vit and is_vit_model(info["model"]):  # a ViT run's weights: rebuild with dynamic_img_size
+        backbone, info = create_model_from(m.weights, m.name, m.kwargs, num_classes=0,
+                                           drop_path_rate=m.drop_path_rate, img_size=crop, dynamic_img_size=True)
+    if m.mlstm_backend is not None and hasattr(backbone, "set_mlstm_backend"):
+        backbone.set_mlstm_backend(m.mlstm_backend)
+    if not hasattr(backbone, "forward_intermediates"):
+        raise ValueError(f"model {info['model']!r} has no forward_intermediates: it cannot give feature maps")
+    num_blocks = len(getattr(backbone, "blocks", ()))
+    if num_blocks and not all(-num_blocks <= i < num_blocks for i in m.feature_indices):
+        raise invalid("model.feature_indices", m.feature_indices,
+                      f"block indices in [-{num_blocks}, {num_blocks - 1}]: {info['model']} has {num_blocks} "
+                      "entries in .blocks" + (" (ViL2: block pairs)" if info["model"].startswith("vil2_") else ""))
+    channels = _map_channels(backbone, m.feature_indices, crop)
+    decoder = build_decoder(m.decoder, channels, num_classes, m.decoder_dim)
+    model = Segmenter(backbone, decoder, m.feature_indices)
+    freeze_unreached(model, crop)
+    return model, info
+
+
+def freeze_unreached(model: Segmenter, img_size: int) -> list[str]:
+    """Freeze the backbone parameters the segmentation path never reaches (the classifier side: pre-head norm,
+    pooling-only parts; blocks after the last feature index), found by one backward pass; returns their names.
+
+    They would otherwise get weight decay without gradients and make DDP wait for gradients that never come.
+    """
+    was_training = model.training
+    model.eval()  # reachability is the same in eval mode, and BatchNorm's running statistics stay untouched
+    param = next(model.parameters())
+    probe = torch.zeros(2, 3, img_size, img_size, device=param.device, dtype=param.dtype)
+    model.zero_grad(set_to_none=True)
+    model(probe).sum().backward()
+    frozen = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        if name in frozen:
+            p.requires_grad_(False)
+    model.train(was_training)
+    return frozen
