@@ -19,8 +19,9 @@ SNAPSHOTS = ROOT / "tests" / "snapshots"
 
 
 def pretraining_recipes() -> list[Path]:
-    """Recipes read by the pretraining config (fine-tuning recipes, ``finetune_*.yaml``, have their own schema)."""
-    return sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith("finetune_"))
+    """Recipes read by the pretraining config (fine-tuning and segmentation recipes, ``finetune_*.yaml`` and
+    ``segment_*.yaml``, have their own schemas)."""
+    return sorted(p for p in RECIPES.glob("*.yaml") if not p.name.startswith(("finetune_", "segment_")))
 
 
 def resolved_text(recipe: Path) -> str:

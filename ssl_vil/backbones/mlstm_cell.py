@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from ssl_vil.backbones.chunkwise_form import mlstm_chunkwise
+from ssl_vil.backbones.kernels_form import kernels_available, mlstm_kernels_form
 from ssl_vil.backbones.parallel_form import mlstm_parallel
 from ssl_vil.backbones.norms import MultiHeadLayerNorm
 
-MLSTMBackend = Literal["parallel", "chunkwise", "auto"]
-MLSTM_BACKENDS = ("parallel", "chunkwise", "auto")
+MLSTMBackend = Literal["parallel", "chunkwise", "mlstm_kernels", "auto"]
+# "mlstm_kernels" needs the optional package mlstm-kernels (NXAI Community Licence; ssl_vil.backbones.kernels_form).
+MLSTM_BACKENDS = ("parallel", "chunkwise", "mlstm_kernels", "auto")
 # Up to this many tokens the quadratic form is at least as fast as the chunkwise one (bench/backbone.py).
 AUTO_PARALLEL_MAX_TOKENS = 256
 MLSTM_EPS = 1e-6
@@ -24,6 +26,22 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def resolve_backend(backend: str, seqlen: int, device: torch.device | str) -> str:
+    """The concrete backend ``backend`` runs as for ``seqlen`` tokens on ``device``.
+
+    ``auto``: "parallel" up to AUTO_PARALLEL_MAX_TOKENS tokens; beyond, "mlstm_kernels" on CUDA when that package
+    (and triton) imports, else "chunkwise". Other names are returned as they are (after the name check).
+    """
+    check_backend(backend)
+    if backend != "auto":
+        return backend
+    if seqlen <= AUTO_PARALLEL_MAX_TOKENS:
+        return "parallel"
+    if torch.device(device).type == "cuda" and kernels_available("cuda"):
+        return "mlstm_kernels"
+    return "chunkwise"
+
+
 def mlstm(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -33,12 +51,13 @@ def mlstm(
     backend: str = "auto",
     chunk_size: int = 64,
 ) -> torch.Tensor:
-    """Run the mLSTM with the named backend. Shapes as in ``mlstm_parallel``: (B, NH, S, DH) -> (B, NH, S, DHV)."""
-    check_backend(backend)
-    if backend == "auto":
-        backend = "parallel" if q.shape[-2] <= AUTO_PARALLEL_MAX_TOKENS else "chunkwise"
+    """Run the mLSTM with the named backend (``auto``: see ``resolve_backend``). Shapes as in ``mlstm_parallel``:
+    (B, NH, S, DH) -> (B, NH, S, DHV)."""
+    backend = resolve_backend(backend, q.shape[-2], q.device)
     if backend == "parallel":
         return mlstm_parallel(q, k, v, igate_preact, fgate_preact, eps=MLSTM_EPS)
+    if backend == "mlstm_kernels":
+        return mlstm_kernels_form(q, k, v, igate_preact, fgate_preact, eps=MLSTM_EPS, chunk_size=chunk_size)
     return mlstm_chunkwise(q, k, v, igate_preact, fgate_preact, eps=MLSTM_EPS, chunk_size=chunk_size)
 
 

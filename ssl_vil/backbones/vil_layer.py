@@ -190,7 +190,7 @@ class ViLLayer(nn.Module):
         conv_kind: "2d" (v2, 3x3 on the grid, keys ``conv.*``) or "causal1d" (v1, k=4, keys ``conv1d.conv.*``).
         bias: biases in proj_up / q,k,v / proj_down and in the cell's outnorm (v2: True, v1: False).
         proj_down_blocks: ``num_blocks`` of the official proj_down init std 2 / (num_blocks * sqrt(d)).
-        backend, chunk_size: mLSTM backend ("parallel", "chunkwise", "auto") and chunk length.
+        backend, chunk_size: mLSTM backend ("parallel", "chunkwise", "mlstm_kernels", "auto") and chunk length.
         directions: the traversals of the grid (``"row_fwd"``, ``"row_bwd"``, ``"col_fwd"``, ``"col_bwd"``), their
             branch outputs summed; None: ``("row_bwd",)`` if ``flip`` else ``("row_fwd",)``. The first direction
             uses the layer's own branch parameters (the official key names).

@@ -50,7 +50,8 @@ class ModelConfig(Config):
     dim: int | None = None  # None: the registered model's width
     depth: int | None = None  # None: the registered model's depth (v2: block pairs, v1: blocks)
     drop_path_rate: float = 0.0
-    mlstm_backend: Literal["auto", "parallel", "chunkwise"] = "auto"
+    # "mlstm_kernels" needs the optional extra ssl_vil[kernels] (NXAI Community Licence); checked when it runs.
+    mlstm_backend: Literal["auto", "parallel", "chunkwise", "mlstm_kernels"] = "auto"
     grad_checkpointing: bool = False
     # The traversal design of every v2 sub-block (ssl_vil.backbones.designs); "alternating" is the official ViL.
     block_design: str = DEFAULT_BLOCK_DESIGN

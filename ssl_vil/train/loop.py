@@ -66,7 +66,7 @@ def run(cfg: RunConfig, run_dir: Path, dist: DistInfo) -> int:
         progress = Progress()
         loaded = _on_every_rank(lambda: _restore(cfg, run_dir, dist, t, progress))
         if dist.is_main:
-            write_run_record(run_dir, cfg)
+            write_run_record(run_dir, cfg, device=dist.device)
             t.checkpointer.manager.remove_empty_step_dirs()
             log.info("\n%s", start_banner(cfg, run_dir, dist, student=t.step.objective.student, stream=t.stream,
                                            precision=t.precision, resumed_step=progress.step if loaded else None))

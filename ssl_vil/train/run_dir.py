@@ -29,7 +29,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ssl_vil.checkpoint import CheckpointVerificationError, LoadedCheckpoint
 from ssl_vil.checkpoint.layout import CHECKPOINTS_DIRNAME, MANIFEST_NAME, checkpoints_dir, list_step_dirs
@@ -39,7 +39,11 @@ from ssl_vil.config.load import config_from_record, describe_resume_mutable_keys
 from ssl_vil.infra.files import fsync_dir, write_json_atomic, write_text_atomic
 from ssl_vil.train.checkpointing import CONFIG_METADATA_KEY
 
-PACKAGES = ("torch", "torchvision", "timm", "lightly", "webdataset", "submitit", "numpy", "faiss-cpu", "faiss-gpu")
+if TYPE_CHECKING:
+    import torch
+
+PACKAGES = ("torch", "torchvision", "timm", "lightly", "webdataset", "submitit", "numpy", "faiss-cpu", "faiss-gpu",
+            "mlstm-kernels")
 CONFIG_FILE = "config.yaml"
 ENVIRONMENT_FILE = "environment.json"
 LOCK_FILE = ".lock"
@@ -74,6 +78,24 @@ def environment_record(world_size: int) -> dict:
             pass
     return {"git_sha": git_sha(), "python": sys.version.split()[0], "packages": versions, "world_size": world_size,
             "host": platform.node(), "argv": sys.argv}
+
+
+def mlstm_backend_record(cfg: RunConfig, device: torch.device | str) -> dict[str, Any]:
+    """``{"mlstm_backend": <config value>, "mlstm_backend_resolved": {"global": ..., "local": ...}}``: what the
+    ViL's mLSTM runs as for the global and local crops' token counts on ``device`` (``auto`` depends on both and on
+    whether mlstm-kernels imports). Empty for a ViT run; no "local" without local crops."""
+    from ssl_vil.backbones.mlstm_cell import resolve_backend
+    from ssl_vil.export import is_vit_run
+
+    if is_vit_run(cfg):
+        return {}
+    m, a = cfg.model, cfg.data.augment
+    # One mLSTM sequence per traversal = every patch of the crop (stride = patch size), + the middle [CLS] token.
+    extra = 1 if cfg.objective.pooling == "middle_cls" else 0
+    sizes = {"global": a.global_size, **({"local": a.local_size} if a.n_local > 0 else {})}
+    resolved = {crop: resolve_backend(m.mlstm_backend, (size // m.patch_size) ** 2 + extra, device)
+                for crop, size in sizes.items()}
+    return {"mlstm_backend": m.mlstm_backend, "mlstm_backend_resolved": resolved}
 
 
 # ------------------------------------------------------------------------------------------ checks (read-only)
@@ -158,10 +180,14 @@ def check_checkpoint_config(run_dir: Path, loaded: LoadedCheckpoint, cfg: RunCon
 
 
 # ------------------------------------------------------------------------------------------ writes
-def write_run_record(run_dir: Path, cfg: RunConfig) -> None:
-    """Write ``config.yaml`` and ``environment.json`` (rank 0, once the run is known to start)."""
+def write_run_record(run_dir: Path, cfg: RunConfig, device: torch.device | None = None) -> None:
+    """Write ``config.yaml`` and ``environment.json`` (rank 0, once the run is known to start); with the training
+    ``device``, the environment also records the resolved mLSTM backend (:func:`mlstm_backend_record`)."""
     write_text_atomic(run_dir / CONFIG_FILE, to_yaml(cfg))
-    write_json_atomic(run_dir / ENVIRONMENT_FILE, environment_record(cfg.derived.world_size))
+    record = environment_record(cfg.derived.world_size)
+    if device is not None:
+        record.update(mlstm_backend_record(cfg, device))
+    write_json_atomic(run_dir / ENVIRONMENT_FILE, record)
 
 
 def prepare_run_dir(run_dir: Path, cfg: RunConfig, *, is_main: bool) -> None:
