@@ -112,6 +112,23 @@ def test_pretrained_backbone_is_copied_and_head_is_fresh(tmp_path):
         assert model.blocks[1].rowwise_from_top_left.drop_path.drop_prob == cfg.model.drop_path_rate == 0.05
 
 
+def test_model_kwargs_override_the_pretrained_architecture_for_stride_8(tmp_path):
+    """Long-sequence fine-tuning: the pretrained stride-16 weights in a stride-8 model (same patch kernel)."""
+    from test_eval_knn_cli import export_random_vil
+
+    from ssl_vil.export import load_pretrained_backbone
+
+    weights = export_random_vil(tmp_path / "export", seed=3)
+    backbone, _ = load_pretrained_backbone(weights)
+    cfg = load_finetune_config(RECIPE, [f"model.weights={weights}", "model.kwargs={stride: 2}"])
+    model, _ = ft.build_model(cfg, num_classes=7)
+    assert model.stride == 2 and backbone.stride == 4
+    assert model.grid_size((32, 32)) == (15, 15) and backbone.grid_size((32, 32)) == (8, 8)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in backbone.state_dict().items())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
 def test_config_errors_name_the_key():
     named = ["model.name=vil2_tiny_patch16_224"]
     with pytest.raises(ConfigError, match="optim.lrr: unknown key; did you mean optim.lr"):

@@ -21,7 +21,9 @@ from ssl_vil.train.config import StepGuardConfig
 class FtModel(Config):
     weights: str | None = None  # run dir | checkpoint folder | exported .safetensors | weights file; None: random init
     name: str | None = None  # timm name; needed without model.json (random init or bare weights file)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (random init / bare file)
+    # timm constructor kwargs: the architecture for random init / a bare weights file; with pretrained weights,
+    # overrides of the pretraining architecture that its weights still fit (e.g. stride: 8, long-sequence).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.1
     num_classes: int | None = None  # None: number of classes of the training data
 

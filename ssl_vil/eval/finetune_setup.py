@@ -55,7 +55,7 @@ def create_model_from(weights: str | None, name: str | None, kwargs: Mapping[str
     """A timm model with a fresh ``num_classes`` head (0: none), its backbone from ``weights`` (or random init).
 
     The pretrained backbone is read by :func:`ssl_vil.export.load_pretrained_backbone` (any weights format) and
-    copied into a fresh model built at ``img_size`` (position embedding resized by
+    copied into a fresh model built at ``img_size`` with ``kwargs`` over the pretraining architecture's (position embedding resized by
     :func:`ssl_vil.backbones.load_backbone_weights`); only the classifier keeps its fresh initialisation.
     ``extra``: further constructor arguments (e.g. ``dynamic_img_size`` for a ViT). Returns (model, info) with
     info = model.json-style ``{"model", "kwargs", "img_size", "mean", "std", ...}``.
@@ -69,7 +69,9 @@ def create_model_from(weights: str | None, name: str | None, kwargs: Mapping[str
         from ssl_vil.export import load_pretrained_backbone
 
         backbone, info = load_pretrained_backbone(weights, name, **kwargs)
-        model_kwargs = dict(info["kwargs"])
+        # ``kwargs`` also override the pretraining architecture where its weights still fit, e.g. stride: 8 for
+        # long-sequence fine-tuning (same patch kernel; the position embedding is interpolated to the new grid).
+        model_kwargs = {**info["kwargs"], **kwargs}
         if img_size is not None:
             model_kwargs["img_size"] = img_size
         model = timm.create_model(info["model"], pretrained=False, num_classes=num_classes,

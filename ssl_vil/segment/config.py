@@ -26,7 +26,9 @@ IGNORE_INDEX = 255
 class SegModel(Config):
     weights: str | None = None  # run dir | checkpoint folder | exported .safetensors | weights file; None: random init
     name: str | None = None  # timm name; needed without model.json (random init or bare weights file)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # timm constructor overrides (random init / bare file)
+    # timm constructor kwargs: the architecture for random init / a bare weights file; with pretrained weights,
+    # overrides of the pretraining architecture that its weights still fit (e.g. stride: 8).
+    kwargs: dict[str, Any] = field(default_factory=dict)
     drop_path_rate: float = 0.1
     # ViL's mLSTM form here, whatever the pretraining used: dense inputs are long sequences, and auto picks the
     # linear-time chunkwise form above 256 tokens. null: keep the backbone's own setting.
@@ -34,6 +36,9 @@ class SegModel(Config):
     # Backbone blocks whose outputs feed the decoder (timm forward_intermediates indices; negative counts from
     # the end). The linear decoder uses the last one.
     feature_indices: list[int] = field(default_factory=lambda: [-4, -3, -2, -1])
+    # The backbone's final per-token norm on every map (as DINOv2's dense probes); the official ViL UperNet
+    # recipe takes the raw block outputs (false).
+    feature_norm: bool = True
     decoder: Literal["linear", "fpn"] = "fpn"
     decoder_dim: int = 256  # channels of the FPN levels (UperNet on ViL uses 512 at ViL-S size)
     num_classes: int | None = None  # None: the data's class list (manifest / classes.txt)

@@ -23,17 +23,18 @@ class Segmenter(nn.Module):
     x: (B, 3, H, W) -> logits (B, num_classes, H, W).
     """
 
-    def __init__(self, backbone: nn.Module, decoder: nn.Module, feature_indices: list[int]) -> None:
+    def __init__(self, backbone: nn.Module, decoder: nn.Module, feature_indices: list[int],
+                 feature_norm: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.decoder = decoder
         self.feature_indices = list(feature_indices)
+        self.feature_norm = feature_norm
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) -> the backbone's maps [(B, C, h, w), ...] at its runtime grid."""
-        # norm=True: every map passes the backbone's final per-token norm, as the pretrained features did
-        return self.backbone.forward_intermediates(x, indices=self.feature_indices, norm=True, output_fmt="NCHW",
-                                                   intermediates_only=True, stop_early=True)
+        return self.backbone.forward_intermediates(x, indices=self.feature_indices, norm=self.feature_norm,
+                                                   output_fmt="NCHW", intermediates_only=True, stop_early=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.decoder(self.feature_maps(x))
@@ -60,14 +61,14 @@ class Segmenter(nn.Module):
         return out
 
 
-def _map_channels(backbone: nn.Module, indices: list[int], img_size: int) -> list[int]:
+def _map_channels(backbone: nn.Module, indices: list[int], img_size: int, norm: bool) -> list[int]:
     """Channels of the maps at ``indices`` (a dry forward at a small size: works for any timm backbone)."""
     was_training = backbone.training
     backbone.eval()
     param = next(backbone.parameters())
     with torch.no_grad():
         probe = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
-        maps = backbone.forward_intermediates(probe, indices=indices, norm=True, output_fmt="NCHW",
+        maps = backbone.forward_intermediates(probe, indices=indices, norm=norm, output_fmt="NCHW",
                                               intermediates_only=True, stop_early=True)
     backbone.train(was_training)
     return [int(m.shape[1]) for m in maps]
@@ -100,9 +101,9 @@ def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, di
         raise invalid("model.feature_indices", m.feature_indices,
                       f"block indices in [-{num_blocks}, {num_blocks - 1}]: {info['model']} has {num_blocks} "
                       "entries in .blocks" + (" (ViL2: block pairs)" if info["model"].startswith("vil2_") else ""))
-    channels = _map_channels(backbone, m.feature_indices, crop)
+    channels = _map_channels(backbone, m.feature_indices, crop, m.feature_norm)
     decoder = build_decoder(m.decoder, channels, num_classes, m.decoder_dim)
-    model = Segmenter(backbone, decoder, m.feature_indices)
+    model = Segmenter(backbone, decoder, m.feature_indices, m.feature_norm)
     freeze_unreached(model, crop)
     return model, info
 
