@@ -42,7 +42,8 @@ from cluster.dist_env import DistributedEnv, export_distributed_env, restart_cou
 ENTRY_TRAIN = "train"
 # Every entry is an importable module with ``main(argv: list[str])``; the eval/*.py scripts call the same ones.
 ENTRY_MODULES = {ENTRY_TRAIN: "ssl_vil.train.cli", "knn": "ssl_vil.eval.knn",
-                 "linear": "ssl_vil.eval.linear", "finetune": "ssl_vil.eval.finetune"}
+                 "linear": "ssl_vil.eval.linear", "finetune": "ssl_vil.eval.finetune",
+                 "segment": "ssl_vil.eval.segment"}
 ENTRIES = tuple(ENTRY_MODULES)
 EVENTS_FILENAME = "launcher_events.jsonl"
 # How long ranks > 0 wait for rank 0 to requeue the job (it only pickles the next submission and runs

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cluster/submit.py", description=__doc__, formatter_class=HelpFormatter)
     add_version(p)
     p.add_argument("--entry", choices=ENTRIES, default=ENTRY_TRAIN,
-                   help="train: ssl_vil.train.cli.main; knn|linear|finetune: eval/<name>.py main(argv) with the "
+                   help="train: ssl_vil.train.cli.main; knn|linear|finetune|segment: eval/<name>.py main(argv) with the "
                         "arguments after `--`")
     p.add_argument("--config", help="recipe YAML (train entry)")
     p.add_argument("--output-dir", required=True,
@@ -147,10 +147,11 @@ def check_eval_args(entry: str, argv: list[str]) -> None:
 
     module = importlib.import_module(ENTRY_MODULES[entry])
     try:
-        if entry == "finetune":
+        if entry in ("finetune", "segment"):
             ns = module.build_parser().parse_args(argv)
             weights = [f"model.weights={ns.weights}"] if ns.weights else []
-            cfg = module.load_finetune_config(ns.config, list(ns.overrides) + weights)
+            load = module.load_finetune_config if entry == "finetune" else module.load_segment_config
+            cfg = load(ns.config, list(ns.overrides) + weights)
             inputs = {"--weights": cfg.model.weights, "data.train": cfg.data.train,
                       "data.val": cfg.data.val}
             output_dir = ns.output_dir
@@ -166,6 +167,7 @@ def check_eval_args(entry: str, argv: list[str]) -> None:
         raise LaunchError(f"--entry {entry}: pass --output-dir after `--` (the job writes its results there)")
     for option, value in inputs.items():
         if value and "://" not in str(value) and not any(c in str(value) for c in "*?[{") \
+                and not str(value).startswith("builtin:") \
                 and not Path(value).exists():
             raise LaunchError(f"--entry {entry}: {option} {value}: no such file or directory")
 

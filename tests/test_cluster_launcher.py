@@ -445,5 +445,15 @@ def test_eval_entries_are_validated_before_queueing(tmp_path: Path, capsys: pyte
     with patch.object(submit_cli, "submit", side_effect=AssertionError("must not submit")):
         assert submit_cli.main(ft) == submit_cli.EXIT_USAGE
     assert f"--entry finetune: --weights {tmp_path / 'nope'}: no such file or directory" in capsys.readouterr().err
+    seg = ["--entry", "segment", "--output-dir", str(tmp_path / "job"), "--cpu", "--", "--config",
+           str(DEMO_RECIPE.parent / "segment_digits.yaml"), "--output-dir", out]
+    with patch.object(submit_cli, "submit", side_effect=AssertionError("must not submit")):
+        assert submit_cli.main([*seg, "data.val=" + str(tmp_path / "noval")]) == submit_cli.EXIT_USAGE
+        assert submit_cli.main([*seg, "data.crop_sise=64"]) == submit_cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"--entry segment: data.val {tmp_path / 'noval'}: no such file or directory" in err
+    assert "did you mean data.crop_size" in err and "Traceback" not in err
+    plan = submit_cli.prepare(seg)  # the built-in data set needs no files
+    assert plan.args.entry == "segment" and plan.entry_args == seg[6:]
     plan = submit_cli.prepare(["--entry", "knn", "--output-dir", str(tmp_path / "job"), "--cpu", "--", *good])
     assert plan.entry_args == good and not (tmp_path / "job").exists()

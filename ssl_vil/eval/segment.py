@@ -17,8 +17,11 @@ from typing import Any
 
 from ssl_vil.eval.finetune import report_stop
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
-from ssl_vil.infra.exit_codes import GUARD_EXIT_CODE
+from ssl_vil.infra.exit_codes import GUARD_EXIT_CODE, INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 from ssl_vil.segment.config import load_segment_config
+
+__all__ = ["GUARD_EXIT_CODE", "INTERRUPT_EXIT_CODE", "REQUEUE_EXIT_CODE", "build_parser", "load_segment_config",
+           "main"]
 
 PROG = "eval/segment.py"
 
