@@ -145,6 +145,17 @@ def test_segmenter_gives_input_sized_logits_and_gradients_everywhere(decoder):
     assert used and not missing, missing
 
 
+@pytest.mark.parametrize("reduction, n_maps, expected", [(16, 4, 32), (16, 2, 32), (8, 3, 16), (4, 2, 8)])
+def test_fpn_pyramid_starts_at_stride_4_whatever_the_patch_stride(reduction, n_maps, expected):
+    from ssl_vil.segment.decoders import FPNDecoder
+
+    torch.manual_seed(0)
+    decoder = FPNDecoder([8] * n_maps, num_classes=3, dim=16, reduction=reduction)
+    maps = [torch.randn(2, 8, 8, 8) for _ in range(n_maps)]  # 8 x 8 maps of a 8 * reduction px input
+    out = decoder(maps)
+    assert out.shape == (2, 3, expected, expected)  # the finest level is at stride 4 px
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="data.crop_sise.*did you mean data.crop_size"):
         load_segment_config(RECIPE, ["data.crop_sise=64"])

@@ -61,8 +61,9 @@ class Segmenter(nn.Module):
         return out
 
 
-def _map_channels(backbone: nn.Module, indices: list[int], img_size: int, norm: bool) -> list[int]:
-    """Channels of the maps at ``indices`` (a dry forward at a small size: works for any timm backbone)."""
+def _map_facts(backbone: nn.Module, indices: list[int], img_size: int, norm: bool) -> tuple[list[int], int]:
+    """(channels of the maps at ``indices``, their stride in px), from a dry forward: works for any timm
+    backbone, whatever its patch size and stride."""
     was_training = backbone.training
     backbone.eval()
     param = next(backbone.parameters())
@@ -71,7 +72,12 @@ def _map_channels(backbone: nn.Module, indices: list[int], img_size: int, norm: 
         maps = backbone.forward_intermediates(probe, indices=indices, norm=norm, output_fmt="NCHW",
                                               intermediates_only=True, stop_early=True)
     backbone.train(was_training)
-    return [int(m.shape[1]) for m in maps]
+    # Stride = the step between map positions: (img - patch) / (grid - 1) for overlapping patches too.
+    grid = int(maps[0].shape[-1])
+    patch = getattr(backbone, "patch_size", None)
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    stride = round((img_size - patch) / (grid - 1)) if patch and grid > 1 else round(img_size / grid)
+    return [int(m.shape[1]) for m in maps], stride
 
 
 def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, dict[str, Any]]:
@@ -101,8 +107,8 @@ def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, di
         raise invalid("model.feature_indices", m.feature_indices,
                       f"block indices in [-{num_blocks}, {num_blocks - 1}]: {info['model']} has {num_blocks} "
                       "entries in .blocks" + (" (ViL2: block pairs)" if info["model"].startswith("vil2_") else ""))
-    channels = _map_channels(backbone, m.feature_indices, crop, m.feature_norm)
-    decoder = build_decoder(m.decoder, channels, num_classes, m.decoder_dim)
+    channels, stride = _map_facts(backbone, m.feature_indices, crop, m.feature_norm)
+    decoder = build_decoder(m.decoder, channels, num_classes, m.decoder_dim, stride)
     model = Segmenter(backbone, decoder, m.feature_indices, m.feature_norm)
     freeze_unreached(model, crop)
     return model, info
