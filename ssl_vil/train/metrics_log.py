@@ -48,7 +48,7 @@ _KNN_ACCURACY = re.compile(r"^knn_(top[15](?:_k\d+)?)$")
 
 _RESERVED = frozenset({
     "step", "samples_seen", "epoch", "time_s", "losses", "diagnostics", "img_per_s", "data_wait_fraction",
-    "step_time_s", "max_memory_mb", "event",
+    "step_time_s", "max_memory_mb", "max_memory_reserved_mb", "event",
 })
 
 
@@ -193,6 +193,9 @@ class MetricsLogger:
             record.update(img_per_s=timing.img_per_s, data_wait_fraction=timing.data_wait_fraction,
                           step_time_s=timing.step_time_s)
         record["max_memory_mb"] = round(max_memory_mb(), 1)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            # What the caching allocator holds: the number that decides out-of-memory, not the allocated peak.
+            record["max_memory_reserved_mb"] = round(torch.cuda.max_memory_reserved() / 2**20, 1)
         record.update(scalars)
         self._write(record)
         self._write_tensorboard(record, schedules, scalars)
