@@ -93,9 +93,13 @@ def mlstm_chunkwise(
         m_in = torch.cat([torch.full_like(m_after[..., :1], float("-inf")), m_after[..., :-1]], dim=-1)
         scale_prev = torch.exp(log_fgate_chunk + m_in - m_after)  # old state decayed through chunk c
         local_state = local_state * torch.exp(local_max - m_after)[..., None, None]
-        states = [torch.zeros_like(local_state[:, :, 0]), local_state[:, :, 0]]
+        # unbind once: indexing a chunk inside the loop makes autograd add a zero tensor of the whole state per
+        # chunk in the backward, a cost quadratic in the number of chunks.
+        local_chunks = local_state.unbind(dim=2)
+        scale_chunks = scale_prev[..., None, None].unbind(dim=2)
+        states = [torch.zeros_like(local_chunks[0]), local_chunks[0]]
         for chunk in range(1, num_chunks - 1):
-            states.append(torch.addcmul(local_state[:, :, chunk], scale_prev[..., chunk, None, None], states[-1]))
+            states.append(torch.addcmul(local_chunks[chunk], scale_chunks[chunk], states[-1]))
         state_in = torch.stack(states, dim=2)  # (B, NH, NC, DH, DHV + 1)
 
         # --- outputs: intra-chunk parallel part + decayed incoming state -------------------------------------

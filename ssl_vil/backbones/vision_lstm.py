@@ -7,7 +7,8 @@ the timm model contract (``forward_features`` / ``forward_head`` / ``forward_int
 Differences from the official hub classes (all behaviour-preserving for the released checkpoints):
   * the v2 conv and the position embedding use the *runtime* token grid, so any resolution, non-square
     inputs and ``stride`` work for both classes (the official v2 reshapes with the constructor's grid);
-  * ``mlstm_backend`` selects the quadratic (official) or the linear-time chunkwise mLSTM, same function;
+  * ``mlstm_backend`` selects the quadratic (official) or the linear-time chunkwise mLSTM, or the optional
+    mlstm-kernels one (Triton on CUDA), same function;
   * an optional learned ``mask_token`` (iBOT-style masked inputs), created only when asked for;
   * an optional learned middle [CLS] token (``cls_token="middle"``: inserted at index S // 2 of the S patch
     tokens, pooling ``middle_cls``; the Vision-LSTM paper's pooling ablation), created only when asked for;
@@ -123,7 +124,8 @@ class _VisionLSTMBase(nn.Module):
         return [m for m in self.modules() if isinstance(m, ViLLayer)]
 
     def set_mlstm_backend(self, backend: str, chunk_size: int | None = None) -> None:
-        """Switch every layer to the "parallel", "chunkwise" or "auto" mLSTM (same function, different cost)."""
+        """Switch every layer to the "parallel", "chunkwise", "mlstm_kernels" or "auto" mLSTM (same function,
+        different cost; "mlstm_kernels" needs the optional package, see ``ssl_vil.backbones.kernels_form``)."""
         self.mlstm_backend = check_backend(backend)
         if chunk_size is not None:
             self.mlstm_chunk_size = chunk_size
@@ -135,6 +137,8 @@ class _VisionLSTMBase(nn.Module):
         return self.patch_embed.grid_size(img_size)
 
     def _feature_info(self) -> list[dict[str, Any]]:
+        # The reduction is the step between neighbouring map positions in pixels: the patch stride, which is
+        # smaller than the patch size for overlapping patches.
         return [dict(num_chs=self.dim, reduction=self.stride, module=f"blocks.{i}") for i in range(len(self.blocks))]
 
     def _make_head(self) -> nn.Module:
@@ -148,6 +152,9 @@ class _VisionLSTMBase(nn.Module):
     # ------------------------------------------------------------------------------------------------ forward
     def _embed(self, x: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image (B, C, H, W) -> tokens (B, S, d) with position embedding, and the grid (h, w)."""
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        self.grid_size((x.shape[-2], x.shape[-1]))  # one clear error for an input smaller than a patch
         x = self.patch_embed(x)
         batch, height, width, _ = x.shape
         if masks is not None:
@@ -232,8 +239,12 @@ class _VisionLSTMBase(nn.Module):
         """timm-style intermediates: outputs of the entries of ``blocks`` (v2: block pairs, v1: blocks).
 
         Returns (final-norm tokens (B, S, d), [intermediates]) unless ``intermediates_only`` / ``output_dict``.
-        Intermediates are (B, d, h, w) for ``output_fmt="NCHW"`` or (B, S, d) for "NLC"; ``norm`` applies the
-        final per-token norm to them. There are no prefix tokens; attention masks do not apply to ViL.
+        Intermediates are feature maps (B, d, h, w) for ``output_fmt="NCHW"``, (h, w) = ``grid_size((H, W))``
+        for any input (B, C, H, W) at least one patch large (any stride, non-square, any grid): the middle token
+        of ``cls_token="middle"`` is not a position of the map and is dropped. For "NLC" they are the block
+        outputs (B, S, d) as they are, the middle token included (S + 1, at index S // 2), which the poolings
+        need. ``norm`` applies the final per-token norm to them. There are no prefix tokens
+        (``return_prefix_tokens`` is ignored); attention masks do not apply to ViL.
         """
         from timm.models._features import feature_take_indices
 

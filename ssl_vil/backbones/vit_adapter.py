@@ -11,8 +11,10 @@ names under the ``vit.`` prefix). It adds what self-supervision needs and timm's
   * layer-wise lr decay: ``group_matcher`` (stem = mask token, [CLS]/register tokens, pos-embed, patch embed;
     one group per transformer block; the final norm joins the last block) and ``num_layers_for_decay``.
 
-The ViT is built with ``dynamic_img_size=True``: the position embedding is interpolated to each input's grid, so
-local crops of any size (a multiple of the patch size) run through the same model.
+The ViT is built with ``dynamic_img_size=True`` (a ViT built without it is switched to that mode, which changes
+nothing at its built size): the position embedding is interpolated to each input's grid, so local crops of any
+size (a multiple of the patch size) run through the same model, and ``forward_intermediates`` gives feature maps
+(B, d, H / p, W / p) at any such size (``feature_info`` describes them for dense prediction heads).
 
 :func:`timm_state_dict` turns an adapter state dict into stock timm keys (``vit.`` stripped, mask token dropped):
 the exported file loads with ``timm.create_model(name, pretrained=True, num_classes=0,
@@ -28,9 +30,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 VIT_PREFIX = "vit."
 MASK_TOKEN_KEY = "mask_token"
+
+
+def to_pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    """An int or a pair as a pair of ints."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 @functools.lru_cache(maxsize=64)
@@ -56,6 +64,26 @@ def vit_facts(name: str) -> dict[str, Any] | None:
             "num_prefix_tokens": int(net.num_prefix_tokens)}
 
 
+def make_dynamic_img_size(vit: nn.Module) -> None:
+    """Switch a timm ``VisionTransformer`` built without ``dynamic_img_size`` to that mode, in place: its patch
+    embedding then keeps the (B, h, w, d) grid of any input and ``_pos_embed`` resamples the position embedding to
+    it. At the built input size nothing changes (the embedding is used as it is, the same additions in the same
+    order). Raises ValueError for a patch embedding other than timm's ``PatchEmbed``."""
+    from timm.layers import Format, PatchEmbed
+
+    if vit.dynamic_img_size:
+        return
+    embed = vit.patch_embed
+    if not isinstance(embed, PatchEmbed) or not embed.flatten:
+        raise ValueError(f"cannot make a ViT with a {type(embed).__name__} patch embedding accept any input size; "
+                         "build it with dynamic_img_size=True")
+    # The same settings timm's VisionTransformer gives its PatchEmbed for dynamic_img_size=True.
+    embed.strict_img_size = False
+    embed.flatten = False
+    embed.output_fmt = Format.NHWC
+    vit.dynamic_img_size = True
+
+
 def is_vit_model(name: str) -> bool:
     """Whether ``name`` is a registered timm ``VisionTransformer`` (not one of this package's ViL models)."""
     return not name.startswith(("vil_", "vil2_")) and vit_facts(name) is not None
@@ -72,11 +100,17 @@ class MaskedViT(nn.Module):
             raise TypeError(f"expected a timm VisionTransformer, got {type(vit).__name__}")
         if not isinstance(vit.patch_drop, nn.Identity):
             raise ValueError("patch dropout drops patch tokens; the iBOT targets need all of them (patch_drop_rate=0)")
+        # The objectives feed crops of several sizes and the dense heads any image size: one grid per input.
+        make_dynamic_img_size(vit)
         self.vit = vit
         self.embed_dim = self.num_features = int(vit.embed_dim)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.has_class_token = bool(vit.has_class_token)
         self.depth = len(vit.blocks)
+        self._patch_hw = to_pair(vit.patch_embed.patch_size)  # (ph, pw)
+        # timm's feature description of the block outputs (maps of stride = patch size), named under ``vit.``.
+        self.feature_info = [dict(num_chs=self.embed_dim, reduction=self._patch_hw[0], module=f"vit.blocks.{i}")
+                             for i in range(self.depth)]
         if mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         else:
@@ -105,15 +139,33 @@ class MaskedViT(nn.Module):
         return self.depth + 2
 
     def grid_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        patch = self.vit.patch_embed.patch_size
+        """Token grid (h, w) = (H / p, W / p) for an input of spatial size ``img_size``."""
+        patch = self._patch_hw
         return img_size[0] // patch[0], img_size[1] // patch[1]
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        in_chans = self.vit.patch_embed.proj.in_channels
+        patch = self._patch_hw
+        if x.ndim != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"expected images of shape (B, {in_chans}, H, W), got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        if not getattr(self.vit.patch_embed, "dynamic_img_pad", False) and (
+                height % patch[0] or width % patch[1] or height < patch[0] or width < patch[1]):
+            raise ValueError(f"input {height}x{width} is not a positive multiple of the patch size "
+                             f"{patch[0]}x{patch[1]}")
 
     # ---------------------------------------------------------------------------------------------- forward
     def embed(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Image (B, C, H, W) -> (B, num_prefix_tokens + S, d): patch embeddings, masked patches replaced by the
         mask token, then prefix tokens and the (interpolated) position embedding."""
+        return self._embed(x, masks)[0]
+
+    def _embed(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``embed`` and the token grid (h, w) of this input."""
+        self._check_input(x)
         vit = self.vit
-        x = vit.patch_embed(x)  # (B, h, w, d) with dynamic_img_size, else (B, S, d)
+        x = vit.patch_embed(x)  # (B, h, w, d): the ViT is in dynamic_img_size mode
+        grid = (int(x.shape[1]), int(x.shape[2]))
         if masks is not None:
             if self.mask_token is None:
                 raise ValueError("masks were given but the model has no mask token; build it with mask_token=True")
@@ -126,7 +178,7 @@ class MaskedViT(nn.Module):
             x = torch.where(masks.reshape(*x.shape[:-1], 1), self.mask_token.to(x.dtype), x)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
-        return vit.norm_pre(x)
+        return vit.norm_pre(x), grid
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Image (B, C, H, W) -> final-norm tokens (B, num_prefix_tokens + S, d), [CLS] first, then the patches
@@ -147,9 +199,75 @@ class MaskedViT(nn.Module):
     def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, masks=masks))
 
-    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """timm's ``forward_intermediates`` of the wrapped ViT (no masking)."""
-        return self.vit.forward_intermediates(x, *args, **kwargs)
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        masks: torch.Tensor | None = None,
+    ) -> Any:
+        """timm's ``forward_intermediates`` contract (same arguments and outputs as timm's ViT) at any input size
+        (B, C, H, W) with H, W multiples of the patch size p, through ``embed`` (``masks`` as in
+        ``forward_features``).
+
+        Intermediates (the outputs of the blocks in ``indices``; ``norm``: after the final norm) hold the patch
+        tokens only: (B, d, H / p, W / p) for ``output_fmt="NCHW"``, (B, S, d) for "NLC"; with
+        ``return_prefix_tokens`` each is a pair (patches, prefix tokens (B, num_prefix_tokens, d)) (with
+        ``output_dict``: the prefix tokens under "image_intermediates_prefix"). Returns (final-norm tokens
+        (B, num_prefix_tokens + S, d), intermediates) unless ``intermediates_only`` / ``output_dict``.
+        """
+        from timm.models._features import feature_take_indices
+
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.vit.blocks), indices)
+        x, (height, width) = self._embed(x, masks)
+        blocks = self.vit.blocks[: max_index + 1] if stop_early else self.vit.blocks
+        intermediates = []
+        for index, block in enumerate(blocks):
+            if attn_mask is not None or is_causal:
+                x = block(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.vit.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+            if index in take_indices:
+                intermediates.append(self.vit.norm(x) if norm else x)
+        prefix = self.num_prefix_tokens
+        prefix_tokens = [y[:, :prefix] for y in intermediates] if prefix else None
+        intermediates = [y[:, prefix:] for y in intermediates]
+        if output_fmt == "NCHW":
+            intermediates = [y.reshape(y.shape[0], height, width, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": intermediates}
+            if prefix_tokens is not None and return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix_tokens
+            if not intermediates_only:
+                result["image_features"] = self.vit.norm(x)
+            return result
+        if return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens))
+        if intermediates_only:
+            return intermediates
+        return self.vit.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """timm's pruning (blocks after the last wanted one, optionally the final norm and the head), for
+        ``timm.models._features.FeatureGetterNet``; returns the absolute indices kept."""
+        take_indices = self.vit.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.depth = len(self.vit.blocks)
+        self.feature_info = self.feature_info[: self.depth]
+        return take_indices
 
     # ---------------------------------------------------------------------------------------------- timm API
     @torch.jit.ignore
