@@ -93,6 +93,32 @@ def test_state_dict_round_trip_gives_identical_verdicts():
     assert resumed.state_dict() == reference.state_dict()
 
 
+def test_a_lasting_level_change_is_skipped_only_max_consecutive_times():
+    loss, grad_norm = clean_series(600, seed=5)
+    grad_norm[300:] *= 10  # the grad norm moves to a new level and stays there
+    loss[450:453] *= 50  # later, a real 3-step spike on the new level
+    guard = SpikeGuard(window=50, z_threshold=6.0, min_history=20, max_consecutive=5)
+    assert run(guard, loss[:306], grad_norm[:306]) == [300, 301, 302, 303, 304]
+    # Step 305 was taken, and the history restarted from the flagged run plus step 305.
+    assert np.array_equal(guard.state_dict()["grad_norm"], grad_norm[300:306])
+    assert run(guard, loss, grad_norm, start=306) == [450, 451, 452]
+    assert np.array_equal(guard.state_dict()["grad_norm"], grad_norm[550:600])
+
+
+def test_a_spike_run_in_progress_survives_a_resume():
+    loss, grad_norm = clean_series(400, seed=6)
+    grad_norm[300:] *= 10
+    reference = SpikeGuard(max_consecutive=5)
+    reference_flags = run(reference, loss, grad_norm)
+    first = SpikeGuard(max_consecutive=5)
+    assert run(first, loss[:303], grad_norm[:303]) == [300, 301, 302]
+    resumed = SpikeGuard(max_consecutive=5)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert run(resumed, loss, grad_norm, start=303) == [303, 304]
+    assert reference_flags == [300, 301, 302, 303, 304]
+    assert resumed.state_dict() == reference.state_dict()
+
+
 def test_load_state_dict_rejects_other_window():
     guard = SpikeGuard(window=50)
     with pytest.raises(ValueError, match="window 30"):

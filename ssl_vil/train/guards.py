@@ -204,23 +204,33 @@ class SpikeGuard:
 
     The standard deviation is floored at 0.1% of the mean's magnitude (plus a tiny absolute floor), so a nearly
     constant history does not turn float noise into a spike.
+
+    A spike is a short event; a level that stays high is a change of regime (the grad norm rising through the lr
+    warmup, a decoder starting to learn), and skipping it would stop training for good, since flagged steps never
+    enter the history. So after ``max_consecutive`` flagged steps in a row the next one is accepted and the history
+    restarts from that run of values (logged as a level change).
     """
 
     _REL_STD_FLOOR = 1e-3
     _ABS_STD_FLOOR = 1e-12
 
-    def __init__(self, window: int = 50, z_threshold: float = 6.0, min_history: int = 20) -> None:
+    def __init__(self, window: int = 50, z_threshold: float = 6.0, min_history: int = 20,
+                 max_consecutive: int = 5) -> None:
         if window < 2:
             raise ValueError(f"SpikeGuard window must be >= 2 steps, got {window}")
         if not 2 <= min_history <= window:
             raise ValueError(f"SpikeGuard min_history must be in [2, window={window}], got {min_history}")
         if z_threshold <= 0:
             raise ValueError(f"SpikeGuard z_threshold must be > 0, got {z_threshold}")
+        if max_consecutive < 1:
+            raise ValueError(f"SpikeGuard max_consecutive must be >= 1, got {max_consecutive}")
         self.window = window
         self.z_threshold = z_threshold
         self.min_history = min_history
+        self.max_consecutive = max_consecutive
         self._loss: deque[float] = deque(maxlen=window)
         self._grad_norm: deque[float] = deque(maxlen=window)
+        self._run: list[tuple[float, float]] = []  # the current run of consecutive flagged (loss, grad norm)
         self.flagged_total = 0
         self.last_z: dict[str, float] = {}
 
@@ -242,12 +252,24 @@ class SpikeGuard:
         if len(self._loss) >= self.min_history:
             self.last_z = {"loss": self._z(self._loss, loss), "grad_norm": self._z(self._grad_norm, grad_norm)}
             if max(self.last_z.values()) > self.z_threshold:
-                self.flagged_total += 1
-                log.warning("spike at step %d: loss %.4g (z=%.1f), grad norm %.4g (z=%.1f) > z threshold %.1f",
-                            step, loss, self.last_z["loss"], grad_norm, self.last_z["grad_norm"], self.z_threshold)
-                return True
+                if len(self._run) < self.max_consecutive:
+                    self._run.append((loss, grad_norm))
+                    self.flagged_total += 1
+                    log.warning("spike at step %d: loss %.4g (z=%.1f), grad norm %.4g (z=%.1f) > z threshold %.1f",
+                                step, loss, self.last_z["loss"], grad_norm, self.last_z["grad_norm"],
+                                self.z_threshold)
+                    return True
+                log.warning("step %d: loss %.4g / grad norm %.4g stayed above the band for %d steps: a level "
+                            "change, not a spike; the step is taken and the history restarts from these steps",
+                            step, loss, grad_norm, len(self._run) + 1)
+                self._loss.clear()
+                self._grad_norm.clear()
+                for old_loss, old_grad_norm in self._run:
+                    self._loss.append(old_loss)
+                    self._grad_norm.append(old_grad_norm)
         else:
             self.last_z = {}
+        self._run = []
         self._loss.append(loss)
         self._grad_norm.append(grad_norm)
         return False
@@ -258,6 +280,7 @@ class SpikeGuard:
             "loss": list(self._loss),
             "grad_norm": list(self._grad_norm),
             "flagged_total": self.flagged_total,
+            "run": [list(pair) for pair in self._run],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -266,6 +289,8 @@ class SpikeGuard:
         self._loss = deque((float(x) for x in state["loss"]), maxlen=self.window)
         self._grad_norm = deque((float(x) for x in state["grad_norm"]), maxlen=self.window)
         self.flagged_total = int(state["flagged_total"])
+        # Checkpoints written before the level-change rule have no run: none was in progress for them.
+        self._run = [(float(a), float(b)) for a, b in state.get("run", [])]
 
 
 class CollapseDetector:
