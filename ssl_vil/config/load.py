@@ -35,6 +35,7 @@ RESUME_MUTABLE_KEYS = (
     "guards.watchdog_timeout_s",
     "dist.",
     "train.compile",
+    "train.distributed",  # checkpoints hold full tensors either way (ssl_vil.train.fsdp)
     "train.device",
     "derived.",
 )

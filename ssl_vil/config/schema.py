@@ -194,6 +194,16 @@ class TrainConfig(Config):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     deterministic: bool = True
+    # How the student is spread over more than one process: "ddp" replicates it (DistributedDataParallel);
+    # "fsdp2" shards student and teacher per block (torch.distributed.fsdp.fully_shard), checkpoints stay full
+    # (rank-agnostic). One process trains the plain student either way. See ssl_vil.train.fsdp.
+    distributed: Literal["ddp", "fsdp2"] = "ddp"
+
+    def validate(self) -> None:
+        if self.distributed == "fsdp2" and self.precision == "fp16":
+            raise invalid("distributed", self.distributed,
+                          "'ddp' with train.precision=fp16: the fp16 loss scaler checks overflow per gradient "
+                          "shard under fsdp2, so ranks could disagree on the loss scale (use precision bf16)")
 
 
 @dataclass(kw_only=True, slots=True)

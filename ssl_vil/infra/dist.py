@@ -87,6 +87,16 @@ def is_distributed() -> bool:
     return torch_dist.is_available() and torch_dist.is_initialized()
 
 
+def is_dtensor(t: Any) -> bool:
+    """True for a DTensor (an FSDP2-sharded parameter, its gradient or a reduction of them); False when this
+    torch has no distributed package."""
+    if not torch_dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def world_size(group: Any = None) -> int:
     """Ranks in ``group`` (the default group when None); 1 without a process group."""
     return torch_dist.get_world_size(group) if is_distributed() else 1

@@ -17,8 +17,9 @@ Centers, pending center sums, student and teacher are all in ``state_dict()``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal, get_args
 
 import torch
@@ -160,29 +161,56 @@ class SelfDistillationObjective(nn.Module):
                 patch_head = self.student.patch_head
                 assert patch_head is not None
                 self.ibot_center = EMACenter(patch_head.out_dim, cfg.center_momentum)
-        # The callable used for the student forward; a trainer may replace it by a DDP wrapper of
-        # ``self.student``. Stored outside the module tree so it never enters state_dict().
+        # The callable used for the student forward; a trainer may route it through wrappers of ``self.student``
+        # (DDP, torch.compile). Stored outside the module tree so it never enters state_dict().
         object.__setattr__(self, "_student_forward", self.student)
+        # Whether the teacher and the centers were made equal across ranks (once, at the first wrap or shard).
+        object.__setattr__(self, "_ranks_synced", False)
 
     # ------------------------------------------------------------------------------------------ trainer API
-    def wrap_student(self, wrapper: Callable[[SSLNetwork], nn.Module]) -> nn.Module:
-        """Route the student forward through ``wrapper(self.student)`` (e.g. DistributedDataParallel).
+    def wrap_student(self, wrapper: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Route the student forward through ``wrapper(forward)``, where ``forward`` is what it goes through now:
+        the student, or an earlier wrapper, so that wrappers compose (``torch.compile(DDP(student))``).
 
-        With a process group, the teacher and the centers are broadcast from rank 0 as well: DDP makes the
+        With a process group, the teacher and the centers are broadcast from rank 0 as well (once): DDP makes the
         student replicas equal, and the teacher (copied from each rank's own initial student) must follow,
         or ranks would distil from different teachers and a resumed run (one saved teacher) would diverge.
         """
-        wrapped = wrapper(self.student)
+        wrapped = wrapper(self._student_forward)
         object.__setattr__(self, "_student_forward", wrapped)
-        if is_distributed():
+        if is_distributed() and not self._ranks_synced:
             self._broadcast_non_student_state()
         return wrapped
+
+    def shard_student_and_teacher(self, shard: Callable[[SSLNetwork], None]) -> nn.Module:
+        """Shard the student and the teacher in place with the same plan ``shard`` (FSDP2's ``fully_shard`` per
+        block, head and root; see ``ssl_vil.train.fsdp``); returns the student, now what the forward goes through.
+
+        Before sharding, every rank's student, teacher and centers are made equal to rank 0's (the broadcast DDP
+        does for the student, and :meth:`wrap_student` for the rest): each rank keeps its slice of its *own* full
+        tensors, so those must agree. Sharding both networks alike makes the EMA a per-shard update.
+        """
+        if self._student_forward is not self.student:
+            raise RuntimeError("shard_student_and_teacher must come before any wrap_student (e.g. DDP)")
+        if is_distributed():
+            self._broadcast_tensors(chain(self.student.parameters(), self.student.buffers()))
+            self._broadcast_non_student_state()
+        shard(self.student)
+        shard(self.teacher)
+        object.__setattr__(self, "_student_forward", self.student)
+        return self.student
 
     @torch.no_grad()
     def _broadcast_non_student_state(self) -> None:
         tensors = list(self.teacher.parameters()) + list(self.teacher.buffers())
         for center in self._centers():
             tensors += list(center.buffers())
+        self._broadcast_tensors(tensors)
+        object.__setattr__(self, "_ranks_synced", True)
+
+    @staticmethod
+    @torch.no_grad()
+    def _broadcast_tensors(tensors: Iterable[Tensor]) -> None:
         for tensor in tensors:
             dist.broadcast(tensor, src=0)
 

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ssl_vil.checkpoint import CheckpointError, LoadedCheckpoint, config_hash
@@ -29,9 +30,11 @@ from ssl_vil.export import export_run
 from ssl_vil.infra.precision import autocast, resolve_precision
 from ssl_vil.infra.timing import StepTimer
 from ssl_vil.train.banner import end_summary, start_banner
-from ssl_vil.train.build import build_optimizer, build_ssl_objective
+from ssl_vil.objectives import SelfDistillationObjective
+from ssl_vil.train.build import build_backbone, build_optimizer, build_ssl_objective
 from ssl_vil.train.checkpointing import Checkpointer, Progress
 from ssl_vil.train.data import batches_forever, build_stream
+from ssl_vil.train.fsdp import is_sharded, rank_agnostic_payload, shard_objective, unsharded_copy
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.metrics_log import MetricsLogger
@@ -134,7 +137,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
             last_loss = verdict.metrics["loss"]
             if knn.due(progress.step):
                 with watchdog.paused():
-                    last_knn = knn(t.step.objective.teacher.backbone)
+                    last_knn = knn(t.knn_backbone())
                     logger.log_event("knn", step=progress.step, **last_knn)
                 timer.start()
             if t.checkpointer.due(progress.step, stop=verdict.stop):
@@ -166,6 +169,7 @@ class _Trainer:
     checkpointer: Checkpointer
     precision: str
     knn: KnnMonitor
+    knn_backbone: Callable[[], nn.Module]  # the teacher backbone, or an unsharded copy of it (collective) under fsdp2
 
 
 def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> _Trainer:
@@ -176,12 +180,9 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
     _seed_everything(cfg.train.seed)
     objective = build_ssl_objective(cfg).to(dist.device)
     _seed_everything(cfg.train.seed + 1000 * dist.rank + 1)  # per-rank streams (drop path) from here on
-    student = objective.student
-    if is_distributed():
-        student = objective.wrap_student(lambda m: DistributedDataParallel(
-            m, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False))
+    student = _distribute(cfg, objective, dist)
     if cfg.train.compile:
-        student = objective.wrap_student(lambda m: torch.compile(m))
+        student = objective.wrap_student(torch.compile)  # compiles what the forward goes through (e.g. DDP)
     optimizer = build_optimizer(cfg, objective.student)
     g = cfg.guards
     finite = FiniteGuard(g.nonfinite_policy, g.max_consecutive_skips, run_dir, dist.rank)
@@ -191,7 +192,8 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
     precision = resolve_precision(cfg.train.precision, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
     stream = build_stream(cfg, dist)
-    payload: dict[str, Any] = {"objective": objective, "optimizer": optimizer}
+    # Full tensors in the files whatever train.distributed says: checkpoints resume at any world size and mode.
+    payload: dict[str, Any] = rank_agnostic_payload(objective, optimizer)
     if scaler.is_enabled():
         payload["grad_scaler"] = scaler
     checkpointer = Checkpointer.for_run(
@@ -205,7 +207,23 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
         scaler=scaler)
     # Opened here, before anything is written: a k-NN source that cannot be read refuses the start.
     knn = KnnMonitor(cfg, dist)
-    return _Trainer(step=step, stream=stream, checkpointer=checkpointer, precision=precision, knn=knn)
+    teacher_backbone = objective.teacher.backbone
+    knn_backbone = (functools.partial(unsharded_copy, teacher_backbone, functools.partial(build_backbone, cfg))
+                    if is_sharded(teacher_backbone) else lambda: teacher_backbone)
+    return _Trainer(step=step, stream=stream, checkpointer=checkpointer, precision=precision, knn=knn,
+                    knn_backbone=knn_backbone)
+
+
+def _distribute(cfg: RunConfig, objective: SelfDistillationObjective, dist: DistInfo) -> nn.Module:
+    """The one place that decides how the student spans the ranks (``train.distributed``); returns the module the
+    training forward goes through. ``ddp``: DistributedDataParallel replicas. ``fsdp2``: student and teacher
+    sharded alike per block (:mod:`ssl_vil.train.fsdp`). A single process trains the plain student either way."""
+    if not is_distributed():
+        return objective.student
+    if cfg.train.distributed == "fsdp2":
+        return shard_objective(objective, dist.device)
+    return objective.wrap_student(lambda m: DistributedDataParallel(
+        m, device_ids=[dist.device.index] if dist.device.type == "cuda" else None, broadcast_buffers=False))
 
 
 def _log_step(logger: MetricsLogger, progress: Progress, epoch: int, v: Verdict, timer: StepTimer) -> None:

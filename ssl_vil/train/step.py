@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ssl_vil.objectives import SelfDistillationObjective
 from ssl_vil.config import RunConfig
+from ssl_vil.infra.dist import is_dtensor
 from ssl_vil.schedules import apply_schedules
 from ssl_vil.train.guards import CollapseDetector
 from ssl_vil.train.step_guard import StepGuard, Verdict
@@ -42,18 +44,39 @@ class StepComponents:
 
 
 def clip_per_submodule(student: nn.Module, max_norm: float | None) -> Tensor:
-    """Clip the backbone and the heads each to ``max_norm``; returns the total pre-clip norm (scalar fp32)."""
-    base = student.module if hasattr(student, "module") else student
+    """Clip the backbone and the heads each to ``max_norm``; returns the total pre-clip norm (scalar fp32).
+
+    Under FSDP2 the gradients are DTensor shards: ``clip_grad_norm_`` then reduces the per-shard norms over the
+    ranks, so each submodule is clipped by its global norm (as under DDP, where every rank holds the full
+    all-reduced gradients), and the norm returned is that global one, as a plain tensor.
+    """
     norms = []
-    for name, sub in base.named_children():
+    for name, sub in _network(student).named_children():
         params = [p for p in sub.parameters() if p.grad is not None]
         if not params:
             continue
-        if max_norm is None:
+        if is_dtensor(params[0].grad):
+            norm = (torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True) if max_norm is None
+                    else torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+            norms.append(norm.full_tensor())  # the global norm as a plain tensor (torch replicates it already)
+        elif max_norm is None:
             norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
         else:
             norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
     return torch.linalg.vector_norm(torch.stack(norms).float())
+
+
+def _network(student: nn.Module) -> nn.Module:
+    """The network under its DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, whose children
+    are the backbone and the heads. (A compiled student's only child is ``_orig_mod``: without unwrapping it,
+    a compiled run would clip backbone and heads together.)"""
+    while True:
+        if isinstance(student, DistributedDataParallel):
+            student = student.module
+        elif "_orig_mod" in student._modules:
+            student = student._modules["_orig_mod"]
+        else:
+            return student
 
 
 def _no_sync(student: nn.Module, last: bool) -> contextlib.AbstractContextManager:
