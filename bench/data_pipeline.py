@@ -10,8 +10,9 @@ Both pipelines decode the same JPEGs (synthetic 500x375, quality 90) and produce
 - ``baseline``: ``torchvision.datasets.ImageFolder`` + ``DINOTransform`` in a plain ``DataLoader``.
 
 Each pipeline runs ``--workers`` DataLoader workers (one run per count given, 1 and 2 by default) with one torch
-thread each; samples/s per worker is printed, then per worker count the ratios ``ours / baseline`` (target >= 1.5),
-``ours-pil / baseline`` and ``ours+lightly / baseline``.
+thread each; samples/s per worker is printed with the CPU time per sample (all processes; the main process's
+share apart), then per worker count the ratios ``ours / baseline`` (target >= 1.5), ``ours-pil / baseline`` and
+``ours+lightly / baseline``, and the same comparison in CPU time per sample (steadier on a loaded machine).
 
     python bench/data_pipeline.py [--images 192] [--workers 1 2] [--rounds 3] [--batch-size 16]
 """
@@ -19,6 +20,8 @@ thread each; samples/s per worker is printed, then per worker count the ratios `
 from __future__ import annotations
 
 import argparse
+import gc
+import resource
 import statistics
 import tempfile
 import time
@@ -47,15 +50,26 @@ def _one_thread(worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
-def time_loader(batches, expected: int) -> float:
-    """Samples per second over one pass (worker start-up included, as a training epoch would see it)."""
+def time_loader(batches, expected: int) -> tuple[float, float, float]:
+    """(samples per second, CPU ms per sample of all processes, CPU ms per sample of the main process) over one
+    pass (worker start-up included, as a training epoch would see it). The CPU times hold up on a loaded machine,
+    where wall-clock rates swing with the other jobs: the workers' come from ``RUSAGE_CHILDREN`` once the pass has
+    joined them."""
+    gc.collect()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    main_start = time.process_time()
     start = time.perf_counter()
-    seen = 0
+    seen, batch = 0, None
     for batch in batches:
         seen += len(batch[1]) if isinstance(batch, (list, tuple)) else len(batch["keys"])
+    del batch  # the last batch's shared memory, before the workers are counted
     elapsed = time.perf_counter() - start
+    main_cpu = time.process_time() - main_start
+    gc.collect()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
     assert seen >= expected, (seen, expected)
-    return seen / elapsed
+    return seen / elapsed, 1000 * (main_cpu + workers_cpu) / seen, 1000 * main_cpu / seen
 
 
 def main() -> None:
@@ -104,20 +118,30 @@ def main() -> None:
             rows = {"ours": lambda: stream(ours_tf), "ours-pil": lambda: stream(ours_pil),
                     "ours+lightly": lambda: stream(lightly_with_generator), "baseline": baseline}
             rates: dict[str, list[float]] = {name: [] for name in rows}
+            cpu: dict[str, list[float]] = {name: [] for name in rows}
+            main_cpu: dict[str, list[float]] = {name: [] for name in rows}
             for _ in range(args.rounds):
                 for name, build in rows.items():
-                    rates[name].append(time_loader(build(), n))
+                    rate, cpu_ms, main_ms = time_loader(build(), n)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_ms)
+                    main_cpu[name].append(main_ms)
             per_worker = {name: statistics.median(r) / max(1, workers) for name, r in rates.items()}
+            cpu_ms = {name: statistics.median(c) for name, c in cpu.items()}
             print(f"workers={workers}")
             for name, rate in per_worker.items():
                 spread = ", ".join(f"{r / max(1, workers):.1f}" for r in rates[name])
-                print(f"{name:>13}: {rate:7.1f} samples/s per worker (rounds: {spread})")
+                print(f"{name:>13}: {rate:7.1f} samples/s per worker (rounds: {spread}); CPU {cpu_ms[name]:5.2f} "
+                      f"ms/sample, main process {statistics.median(main_cpu[name]):4.2f}")
             ratios = {name: per_worker[name] / per_worker["baseline"] for name in ("ours", "ours-pil", "ours+lightly")}
-            summary.append((workers, ratios))
-        for workers, ratios in summary:
+            cpu_ratios = {name: cpu_ms["baseline"] / cpu_ms[name] for name in ("ours", "ours-pil", "ours+lightly")}
+            summary.append((workers, ratios, cpu_ratios))
+        for workers, ratios, cpu_ratios in summary:
             print(f"workers={workers}: ratio ours / baseline = {ratios['ours']:.2f} (target >= 1.5); "
                   f"ours-pil / baseline = {ratios['ours-pil']:.2f}; ours+lightly / baseline = "
-                  f"{ratios['ours+lightly']:.2f} (data path alone)")
+                  f"{ratios['ours+lightly']:.2f} (data path alone); CPU per sample baseline / ours = "
+                  f"{cpu_ratios['ours']:.2f} (ours-pil {cpu_ratios['ours-pil']:.2f}, ours+lightly "
+                  f"{cpu_ratios['ours+lightly']:.2f})")
 
 
 if __name__ == "__main__":

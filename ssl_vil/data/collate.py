@@ -35,7 +35,9 @@ class StackedSamples:
         return all([(t.shape[1:], t.dtype) for t in part] == signature for part in self.parts)
 
     def view(self, v: int) -> Tensor:
-        """View ``v`` of all B samples, (B, ...)."""
+        """View ``v`` of all B samples, (B, ...): the part's own tensor when there is one part (no copy)."""
+        if len(self.parts) == 1:
+            return self.parts[0][v]
         return torch.cat([part[v] for part in self.parts])
 
     def samples(self) -> list[dict[str, Any]]:

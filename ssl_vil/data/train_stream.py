@@ -20,11 +20,12 @@ sorted files (:mod:`ssl_vil.data.folder_records`). All of them share the layout,
 
 Inside a rank, DataLoader worker ``w`` of ``W`` runs the rank's contiguous block of slots
 ``[w*B//W, (w+1)*B//W)`` (each slot a webdataset ``DataPipeline``: raw tar records -> seeded window shuffle ->
-decode -> transform) and yields one partial batch per step, its views stacked per view index in shared memory; the
-rank's main process joins the ``W`` parts of a step and applies the collate with a generator seeded from
-``(seed, epoch, batch index, r*B)``. A collate with a ``collate_stacked`` method gets the stacked parts
-(:class:`ssl_vil.data.collate.StackedSamples`) and concatenates them, one copy and no per-sample work in the main
-process; any other collate gets the samples one by one.
+decode -> transform) and yields one partial batch per step, its views stacked per view index into one shared-memory
+buffer (one file descriptor per step and worker); the rank's main process joins the ``W`` parts of a step and
+applies the collate with a generator seeded from ``(seed, epoch, batch index, r*B)``. A collate with a
+``collate_stacked`` method gets the stacked parts (:class:`ssl_vil.data.collate.StackedSamples`) and concatenates
+them, one copy (none with one worker, for the default collate) and no per-sample work in the main process; any
+other collate gets the samples one by one.
 
 Batches: the collate's dict plus ``padded`` (BoolTensor (B,)), ``data_errors`` (issue-counter deltas since the
 previous batch, every key of :data:`ssl_vil.data.error_tally.COUNTER_KEYS`), ``data_error_details`` (shard URL,
@@ -77,23 +78,59 @@ def _stack(tensors: list[Tensor]) -> Tensor:
     return torch.stack(tensors, out=out)
 
 
+_ALIGN = 64  # bytes: each view block of a packed part starts on a cache line
+
+
+def _stack_flat(groups: list[list[Tensor]]) -> tuple[Tensor, list[tuple[torch.dtype, tuple[int, ...], int]]]:
+    """Stack each group (one view index of a worker's samples) into one byte buffer, in shared memory inside a
+    DataLoader worker: one file descriptor per step and worker crosses to the main process instead of one per
+    view. Returns the buffer and, per group, (dtype, stacked shape, byte offset) for :func:`_unflatten`."""
+    layout, offset = [], 0
+    for group in groups:
+        first = group[0]
+        layout.append((first.dtype, (len(group), *first.shape), offset))
+        offset += -(-len(group) * first.numel() * first.element_size() // _ALIGN) * _ALIGN
+    if get_worker_info() is None:
+        flat = torch.empty(offset, dtype=torch.uint8)
+    else:
+        flat = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(offset, _ALIGN)))[:offset]
+    for group, stacked in zip(groups, _unflatten(flat, layout)):
+        torch.stack(group, out=stacked)
+    return flat, layout
+
+
+def _unflatten(flat: Tensor, layout: list[tuple[torch.dtype, tuple[int, ...], int]]) -> list[Tensor]:
+    """The stacked views of a :func:`_stack_flat` buffer (views of its memory, no copy)."""
+    out = []
+    for dtype, shape, offset in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        out.append(flat[offset : offset + nbytes].view(dtype).view(shape))
+    return out
+
+
 def _pack_views(views: list[Any]) -> tuple[str, Any]:
-    """Stack one worker's views per view index, so a step crosses the process boundary as a few tensors."""
+    """Stack one worker's views per view index, so a step crosses the process boundary as one shared buffer."""
     if get_worker_info() is None:
         return "raw", views  # same process: nothing to send, nothing to pack
     first = views[0]
     if isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.shape == first.shape and v.dtype == first.dtype
                                          for v in views):
         return "tensor", _stack(views)
-    if isinstance(first, (list, tuple)) and all(isinstance(t, Tensor) for t in first):
+    if isinstance(first, (list, tuple)) and first and all(isinstance(t, Tensor) for t in first):
         signature = [(t.shape, t.dtype) for t in first]
         if all(isinstance(v, (list, tuple)) and [(t.shape, t.dtype) for t in v] == signature for v in views):
-            return "list", [_stack([v[i] for v in views]) for i in range(len(signature))]
+            return "flat", _stack_flat([[v[i] for v in views] for i in range(len(signature))])
     return "raw", views
 
 
-def _unpack_views(packed: tuple[str, Any], n: int) -> list[Any]:
+def _receive_views(packed: tuple[str, Any]) -> tuple[str, Any]:
+    """In the main process: a packed buffer back to its stacked views (kind "list")."""
     kind, data = packed
+    return ("list", _unflatten(*data)) if kind == "flat" else packed
+
+
+def _unpack_views(packed: tuple[str, Any], n: int) -> list[Any]:
+    kind, data = _receive_views(packed)
     if kind == "tensor":
         return [data[i] for i in range(n)]
     if kind == "list":
@@ -319,6 +356,8 @@ class TrainStream(ResumableStream):
 
     def _assemble(self, parts: list[dict[str, Any]], epoch: int, index: int) -> dict[str, Any]:
         parts = [p for p in parts if p["slots"]]  # a worker without slots (B < W) sends an empty part
+        for p in parts:
+            p["views"] = _receive_views(p["views"])
         if [j for p in parts for j in p["slots"]] != list(range(self.batch_size)):
             raise RuntimeError(f"data worker parts cover slots {[p['slots'] for p in parts]}, expected "
                                f"0..{self.batch_size - 1} in order")
