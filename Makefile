@@ -11,7 +11,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install compare snapshots golden clean
+.PHONY: demo test install compare snapshots golden clean gpu-wheels
 
 install: $(STAMP)
 
@@ -44,3 +44,22 @@ clean:
 # Regenerate the golden 20-step loss file (tests/golden/) after an intended change of the numerics.
 golden: $(STAMP)
 	$(PY) tests/test_train_determinism.py --write
+
+# The pure-Python wheels a GPU machine without a package index lacks, into gpu-wheels/ (ignored by git), for
+# bench/gpu_check.py (its docstring gives the two commands to run there). That machine's Python has torch + CUDA,
+# timm, tensorboard, safetensors and their dependencies (numpy, Pillow, PyYAML, packaging, tqdm, ...). Carried:
+# pytest and its dependencies (the gpu-marked tests; exceptiongroup and tomli only for a Python 3.10 there),
+# pytest-timeout (pyproject's timeout), mlstm-kernels + einops (the Triton mLSTM backend), webdataset + braceexpand
+# (the training data path), setuptools (the offline editable install). Not carried: numba, scikit-learn, matplotlib
+# (not pure Python; gpu_check's imports never reach them, tests/test_bench_gpu_check.py checks it) and submitit
+# (cluster/ only).
+GPU_WHEELS := pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 exceptiongroup==1.3.1 tomli==2.4.0 \
+	pytest-timeout==2.4.0 mlstm-kernels==2.0.6 einops==0.8.2 webdataset==1.0.2 braceexpand==0.1.7 setuptools==84.2.1
+gpu-wheels:
+	@test -n "$(PYTHON)" || { echo "no python >= 3.11 found on PATH; run: make PYTHON=/path/to/python3.11 ..."; exit 1; }
+	rm -rf gpu-wheels
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --platform any -d gpu-wheels $(GPU_WHEELS)
+	@# --platform any picks the pure wheel where a package also ships compiled ones (tomli); a platform wheel here
+	@# would not match the GPU machine.
+	@! ls gpu-wheels | grep -v -- '-none-any\.whl$$' || { echo "gpu-wheels: the wheels above are not pure Python"; exit 1; }
+	@ls gpu-wheels
