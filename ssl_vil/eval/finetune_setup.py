@@ -30,12 +30,12 @@ from ssl_vil.eval.finetune_config import FinetuneConfig
 from ssl_vil.eval.inputs import EvalSource, eval_transform, open_eval_source
 from ssl_vil.infra.dist import all_reduce_
 from ssl_vil.infra.precision import autocast
+from ssl_vil.eval.supervised_run import TRAIN_LOG  # noqa: F401  (the run's step log, named here for callers)
 
 logger = logging.getLogger("ssl_vil.eval")
 
 DEFAULT_MEAN = (0.485, 0.456, 0.406)
 DEFAULT_STD = (0.229, 0.224, 0.225)
-TRAIN_LOG = "train_log.jsonl"
 RESULTS_FILE = "results_finetune.json"
 
 
@@ -180,11 +180,6 @@ def open_val_source(cfg: FinetuneConfig, *, train_classes: Sequence[str], img_si
                                                                      if cfg.data.train_split else "") + ")")
 
 
-# ------------------------------------------------------------------------------------------------ logging
-def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
-    """lr of the un-decayed groups (lr_scale 1: head) = the scheduler's current value."""
-    return max(float(g["lr"]) / float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
-
-
+# ----------------------------------------------------------------------------------------------- duration
 def total_steps_of(cfg: FinetuneConfig, steps_per_epoch: int) -> int:
     return cfg.schedule.train_epochs * steps_per_epoch

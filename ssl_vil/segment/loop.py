@@ -10,7 +10,6 @@ drop path) reseeded from ``(seed, step, rank)`` before each step, so a run kille
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,30 +18,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vil.checkpoint import CheckpointManager, config_hash
 from ssl_vil.data.errors import DataConfigError
 from ssl_vil.eval import finetune_setup as ft
-from ssl_vil.eval.finetune_loop import stop_exit_code
-from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.eval.supervised_run import SupervisedRun, run_supervised
 from ssl_vil.eval.weights_id import weights_sha256
-from ssl_vil.infra.dist import DistInfo, barrier, process_group
-from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE
-from ssl_vil.infra.files import JsonlLog, write_json_atomic
+from ssl_vil.infra.dist import DistInfo
+from ssl_vil.infra.files import write_json_atomic
 from ssl_vil.infra.precision import autocast
-from ssl_vil.infra.timing import StepTimer, format_duration, is_due
+from ssl_vil.infra.timing import is_due
 from ssl_vil.segment import inference
 from ssl_vil.segment.config import SegmentConfig
 from ssl_vil.segment.metrics import ConfusionMatrix
 from ssl_vil.segment.model import build_segmenter
 from ssl_vil.segment.stream import SegTrainStream, eval_batches
 from ssl_vil.segment.transforms import SegEvalTransform, SegTrainTransform
-from ssl_vil.train.guards import FiniteGuard, SpikeGuard
 from ssl_vil.train.preemption import PreemptionFlag
-from ssl_vil.train.step_guard import StepGuard, Verdict
+from ssl_vil.train.step_guard import Verdict
 
 logger = logging.getLogger("ssl_vil.eval")
 
-TRAIN_LOG = "train_log.jsonl"
 RESULTS_FILE = "results_segment.json"
 
 
@@ -73,11 +67,12 @@ def class_names(cfg: SegmentConfig, train: Any, val: Any | None) -> list[str]:
     return names or [str(i) for i in range(wanted)]
 
 
-class _Run:
+class _Run(SupervisedRun):
     """State of one segmentation process (rank)."""
 
     def __init__(self, cfg: SegmentConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
-        self.cfg, self.out, self.dist, self.device = cfg, output_dir, dist, dist.device
+        super().__init__(cfg, output_dir, dist, preempt, guards=cfg.guards, keep_last=cfg.train.keep_last,
+                         log_every_steps=cfg.train.log_every_steps)
         d = cfg.data
         self.train_pairs = open_pairs(d.train, d.train_split)
         self.val_pairs = open_pairs(d.val, d.val_split) if d.val else None
@@ -101,49 +96,13 @@ class _Run:
         if dist.world_size > 1:
             self.train_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        g = cfg.guards
-        self.finite = FiniteGuard(g.nonfinite_policy, g.max_consecutive_skips, output_dir, dist.rank)
-        self.spike = SpikeGuard(g.spike_window_steps, g.spike_z_threshold, min(20, g.spike_window_steps)) \
-            if g.spike_detection else None
-        self.guard = StepGuard(self.finite, self.spike, preempt, rank=dist.rank, world_size=dist.world_size)
-        self.ckpt = CheckpointManager(output_dir, keep_last=cfg.train.keep_last, keep_every_steps=None,
-                                      config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
-                                      git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
-        self.log = JsonlLog(output_dir / TRAIN_LOG, enabled=dist.is_main)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
 
-    # ------------------------------------------------------------------------------------------- checkpoint
-    def payload(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "data": self.stream.state_dict(), "config": self.cfg.to_dict(),
-                             "history": list(self.history), "finite_guard": self.finite.state_dict()}
-        if self.spike is not None:
-            p["spike_guard"] = self.spike.state_dict()
-        return p
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (f"segmentation {self.info['model']} + {cfg.model.decoder} decoder: {len(self.classes)} classes, "
+                f"{self.total_steps} steps, global batch {self.stream.global_batch_size}, crop {cfg.data.crop_size}, "
+                f"peak lr {self.lr:.3g}")
 
-    def save(self) -> None:
-        self.ckpt.save(self.step, self.payload(), metadata={"epoch": self.stream.epoch,
-                                                             "batches_consumed": self.stream.batches_consumed})
-
-    def try_resume(self) -> bool:
-        loaded = self.ckpt.load_latest(map_location=self.device)
-        if loaded is None:
-            return False
-        p = loaded.payload
-        self.model.load_state_dict(p["model"])
-        self.optimizer.load_state_dict(p["optimizer"])
-        self.stream.load_state_dict(p["data"])
-        self.history = list(p["history"])
-        self.finite.load_state_dict(p["finite_guard"])
-        if self.spike is not None and "spike_guard" in p:
-            self.spike.load_state_dict(p["spike_guard"])
-        self.step = loaded.step
-        self.log.truncate_after(self.step)
-        logger.info("resumed from %s: step %d", loaded.path, self.step)
-        return True
-
-    # ------------------------------------------------------------------------------------------------ train
     def train_step(self, batch: dict[str, Any]) -> Verdict:
         """One optimizer step, unless the step guard skips it; the verdict holds the loss averaged over ranks."""
         cfg = self.cfg
@@ -155,71 +114,22 @@ class _Run:
             logits = self.train_model(x)
         # fp32 loss: the softmax over classes at every pixel stays out of bf16
         loss = F.cross_entropy(logits.float(), y, ignore_index=cfg.data.ignore_index)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.optim.clip_grad_norm if cfg.optim.clip_grad_norm is not None else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(params, max_norm).float()
-        verdict = self.guard.decide(self.step, terms={"loss": loss.detach().float()}, diagnostics={},
-                                    grad_norm=grad_norm, micro_batches=[batch])
-        if verdict.skip:  # parameters and optimizer untouched
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        self.step += 1
-        return verdict
+        return self.apply_gradients(loss, batch, cfg.optim.clip_grad_norm)
 
-    def evaluate(self) -> dict[str, Any] | None:
+    def eval_due(self, batch: dict[str, Any]) -> bool:
+        return is_due(self.step, self.cfg.train.eval_every_steps, total_steps=self.total_steps)
+
+    def checkpoint_due(self, batch: dict[str, Any]) -> bool:
+        return is_due(self.step, self.cfg.train.checkpoint_every_steps, total_steps=self.total_steps)
+
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         if self.val_pairs is None:
             return None
         summary = evaluate(self.model, self.val_pairs, self.cfg, self.classes, self.mean, self.std, self.dist)
-        record = {"event": "eval", "step": self.step, "miou": summary["miou"], "pixel_acc": summary["pixel_acc"],
-                  "macc": summary["macc"], "per_class": summary["per_class"], "n_val": len(self.val_pairs)}
         logger.info("eval at step %d: mIoU %.2f pixel acc %.2f", self.step, summary["miou"] or 0.0,
                     summary["pixel_acc"] or 0.0)
-        self.log.write(record)
-        self.history.append(record)
-        return record
-
-    def run(self) -> int:
-        """Train to the last step; 0 when done, or the exit code of a save for a signal (requeue / Ctrl-C)."""
-        cfg = self.cfg
-        timer = StepTimer()
-        self.model.train()
-        timer.start()
-        while self.step < self.total_steps:
-            for batch in self.stream:
-                timer.data_ready()
-                verdict = self.train_step(batch)
-                loss = verdict.metrics["loss"]
-                timer.step_done(batch["images"].shape[0] * self.dist.world_size)
-                lr = ft.peak_group_lr(self.optimizer)
-                self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr,
-                                "grad_norm": verdict.metrics["grad_norm"], "skipped": float(verdict.skip)})
-                if verdict.skip:
-                    logger.warning("step %d skipped (%s)", self.step,
-                                   "non-finite loss or gradients" if verdict.skip_nonfinite else "loss spike")
-                if is_due(self.step, cfg.train.log_every_steps, total_steps=self.total_steps):
-                    timing = timer.pop_window()
-                    logger.info("step %d/%d loss %.4f lr %.3g %.1f img/s data-wait %.0f%% ETA %s", self.step,
-                                self.total_steps, loss, lr, timing.img_per_s, 100 * timing.data_wait_fraction,
-                                format_duration(timing.eta_s(self.total_steps - self.step)))
-                # Evaluate before the checkpoint of the same step, so a resumed run never skips or repeats one.
-                if is_due(self.step, cfg.train.eval_every_steps, total_steps=self.total_steps):
-                    self.evaluate()
-                    self.model.train()
-                    timer.start()
-                if verdict.stop or is_due(self.step, cfg.train.checkpoint_every_steps, total_steps=self.total_steps):
-                    self.save()
-                    timer.start()
-                if verdict.stop:
-                    code = stop_exit_code(self.guard.preempt)
-                    self.log.write({"event": "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted",
-                                    "step": self.step, "exit_code": code})
-                    return code
-                if self.step >= self.total_steps:
-                    break
-        return 0
+        return {"event": "eval", "step": self.step, "miou": summary["miou"], "pixel_acc": summary["pixel_acc"],
+                "macc": summary["macc"], "per_class": summary["per_class"], "n_val": len(self.val_pairs)}
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, cfg: SegmentConfig) -> Any:
@@ -275,37 +185,13 @@ def run_segment(cfg: SegmentConfig, output_dir: str | Path, *, resume: bool = Tr
     Returns the results dict (also written to ``OUT/results_segment.json`` by rank 0), or the requeue / interrupt
     exit code when a signal stopped the run after saving at a step boundary.
     """
-    preempt = PreemptionFlag(interrupt=True, announce=True)
-    preempt.install()
-    try:
-        with process_group(cfg.train.device) as dist:
-            preempt.announce = dist.is_main
-            return _segment(cfg, Path(output_dir), resume, dist, preempt)
-    finally:
-        preempt.uninstall()
+    out = Path(output_dir)
+    return run_supervised(cfg.train.device, out, resume, lambda dist, preempt: _Run(cfg, out, dist, preempt),
+                          lambda run, resumed, t0: _results(cfg, out, run, resumed, t0))
 
 
-def _segment(cfg: SegmentConfig, output_dir: Path, resume: bool, dist: DistInfo, preempt: PreemptionFlag
-             ) -> dict[str, Any] | int:
-    setup_logging(dist.rank)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    t0 = time.perf_counter()
-    run = _Run(cfg, output_dir, dist, preempt)
-    resumed = resume and run.try_resume()
-    if not resumed and dist.is_main:
-        run.log.truncate_after(0)
-    logger.info("segmentation %s + %s decoder: %d classes, %d steps, global batch %d, crop %d, peak lr %.3g",
-                run.info["model"], cfg.model.decoder, len(run.classes), run.total_steps,
-                run.stream.global_batch_size, cfg.data.crop_size, run.lr)
-    try:
-        code = run.run()
-    finally:
-        run.log.close()
-    if code:
-        barrier()
-        return code
+def _results(cfg: SegmentConfig, output_dir: Path, run: _Run, resumed: bool, t0: float) -> dict[str, Any]:
+    dist = run.dist
     evals = [h for h in run.history if h.get("event") == "eval"]
     final = evals[-1] if evals else None
     source = run.info.get("source") or cfg.model.weights
@@ -325,5 +211,4 @@ def _segment(cfg: SegmentConfig, output_dir: Path, resume: bool, dist: DistInfo,
         print(f"segment {run.info['model']} ({init}): {run.step} steps" + (
             f", val mIoU {final['miou']:.2f} pixel acc {final['pixel_acc']:.2f}" if final else ", no val data"),
             flush=True)
-    barrier()
     return results

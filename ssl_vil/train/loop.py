@@ -38,7 +38,7 @@ from ssl_vil.train.fsdp import is_sharded, rank_agnostic_payload, shard_objectiv
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.metrics_log import MetricsLogger
-from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
+from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag, stop_exit_code
 from ssl_vil.train.run_dir import RunDirError, RunDirLock, check_checkpoint_config, git_sha, write_run_record
 from ssl_vil.train.step import DIAGNOSTICS, LOSS_TERMS, StepComponents, train_step
 from ssl_vil.train.step_guard import StepGuard, Verdict
@@ -145,7 +145,7 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
                     t.checkpointer.save(progress)
                 timer.start()
             if verdict.stop:
-                code = _stop_exit_code(t.step.guard.preempt)
+                code = stop_exit_code(t.step.guard.preempt)
                 event = "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted"
                 logger.log_event(event, step=progress.step, exit_code=code)
                 return code
@@ -237,15 +237,6 @@ def _log_step(logger: MetricsLogger, progress: Progress, epoch: int, v: Verdict,
     if v.skip:
         reasons = {"nonfinite": float(v.skip_nonfinite), "spike": float(v.skip_spike)}
         logger.log_event("step_skipped", step=progress.step, **reasons, **({"overflow": 1.0} if v.overflow else {}))
-
-
-def _stop_exit_code(preempt: PreemptionFlag) -> int:
-    """INTERRUPT_EXIT_CODE on every rank when any rank got a Ctrl-C (the user's stop, never requeued), else
-    REQUEUE_EXIT_CODE. Collective, once, at the step where every rank stops."""
-    interrupted = int(preempt.interrupted)
-    if is_distributed():
-        interrupted = all_reduce_scalar(interrupted, "max")
-    return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE
 
 
 def _seed_everything(seed: int) -> None:

@@ -147,3 +147,14 @@ def ignore_in_worker(worker_id: int = 0, signals: Sequence[int] = DEFAULT_SIGNAL
     """
     for sig in signals:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_exit_code(preempt: PreemptionFlag) -> int:
+    """INTERRUPT_EXIT_CODE on every rank when any rank got a Ctrl-C (the user's stop, never requeued), else
+    REQUEUE_EXIT_CODE. Collective, once, at the step where every rank stops."""
+    from ssl_vil.infra.dist import all_reduce_scalar, is_distributed
+
+    interrupted = int(preempt.interrupted)
+    if is_distributed():
+        interrupted = all_reduce_scalar(interrupted, "max")
+    return INTERRUPT_EXIT_CODE if interrupted else REQUEUE_EXIT_CODE

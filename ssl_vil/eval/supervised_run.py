@@ -1,0 +1,242 @@
+"""What a supervised run on a pretrained backbone (classification fine-tuning, segmentation) shares: the step
+guard, checkpoints with exact resume, the step log, the step loop and the process set-up around it.
+
+A task subclasses :class:`SupervisedRun` and provides the model, optimizer and stream, ``train_step`` (one
+optimizer step, returning the guard's verdict), ``evaluate`` and the two cadences (``eval_due`` /
+``checkpoint_due``); :func:`run_supervised` installs the preemption flag, joins the process group, builds the run,
+resumes it from the newest checkpoint and trains it.
+
+Exact resume: a checkpoint (atomic, hashed: :class:`ssl_vil.checkpoint.CheckpointManager`) holds the model,
+optimizer, guards, history and data cursor (plus what ``extra_state`` adds) at an optimizer step; a run killed after
+the checkpoint of step ``s`` and resumed logs the same steps from ``s + 1`` on as one that was never interrupted,
+provided the task's randomness is a function of counters (per-sample seeds, ``reseed_step``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_vil.checkpoint import CheckpointManager, config_hash
+from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.infra.dist import DistInfo, barrier, process_group
+from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE
+from ssl_vil.infra.files import JsonlLog
+from ssl_vil.infra.timing import StepTimer, format_duration, is_due
+from ssl_vil.train.config import StepGuardConfig
+from ssl_vil.train.guards import FiniteGuard, SpikeGuard
+from ssl_vil.train.preemption import PreemptionFlag, stop_exit_code
+from ssl_vil.train.step_guard import StepGuard, Verdict
+
+logger = logging.getLogger("ssl_vil.eval")
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+class SupervisedRun:
+    """State of one process (rank) of a supervised run; see the module docstring for what a subclass provides.
+
+    Subclasses set ``model``, ``optimizer``, ``stream`` (a resumable stream whose batches carry ``epoch`` and
+    ``batch_in_epoch``) and ``total_steps`` before the run starts.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: Any
+    total_steps: int
+    images_key: str = "images"  # the batch entry whose first dimension counts the images of a step
+
+    def __init__(self, cfg: Any, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag, *,
+                 guards: StepGuardConfig, keep_last: int, log_every_steps: int) -> None:
+        self.cfg, self.out, self.dist, self.device = cfg, output_dir, dist, dist.device
+        self.log_every_steps = log_every_steps
+        # The pretraining trainer's step guard: one collective per step decides skip (non-finite, spike) / stop.
+        self.finite = FiniteGuard(guards.nonfinite_policy, guards.max_consecutive_skips, output_dir, dist.rank)
+        self.spike = SpikeGuard(guards.spike_window_steps, guards.spike_z_threshold,
+                                min(20, guards.spike_window_steps)) if guards.spike_detection else None
+        self.guard = StepGuard(self.finite, self.spike, preempt, rank=dist.rank, world_size=dist.world_size)
+        self.ckpt = CheckpointManager(output_dir, keep_last=keep_last, keep_every_steps=None,
+                                      config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
+                                      git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
+        # One record per optimizer step plus events (rank 0); cut back to the checkpoint's step on resume.
+        self.log = JsonlLog(output_dir / TRAIN_LOG, enabled=dist.is_main)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    # --------------------------------------------------------------------------------------- task hooks
+    def train_step(self, batch: dict[str, Any]) -> Verdict:
+        raise NotImplementedError
+
+    def evaluate(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Evaluate after the step that consumed ``batch``; the record (also logged) or None without val data."""
+        raise NotImplementedError
+
+    def eval_due(self, batch: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def checkpoint_due(self, batch: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line on what the run will do, logged at the start (after a resume)."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state saved beside the common payload (e.g. an EMA model)."""
+        return {}
+
+    def load_extra_state(self, payload: dict[str, Any], path: Path) -> None:
+        """Restore what ``extra_state`` saved."""
+
+    # ------------------------------------------------------------------------------------------- the step
+    def apply_gradients(self, loss: torch.Tensor, batch: dict[str, Any], clip_grad_norm: float | None) -> Verdict:
+        """Backward ``loss``, clip, and let the step guard decide: the optimizer steps unless the step is skipped
+        (then parameters and optimizer stay untouched). Counts the step; the verdict holds the loss averaged over
+        ranks and the pre-clip gradient norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = clip_grad_norm if clip_grad_norm is not None else math.inf
+        grad_norm = nn.utils.clip_grad_norm_(params, max_norm).float()
+        verdict = self.guard.decide(self.step, terms={"loss": loss.detach().float()}, diagnostics={},
+                                    grad_norm=grad_norm, micro_batches=[batch])
+        if verdict.skip:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.step += 1
+        return verdict
+
+    # ------------------------------------------------------------------------------------------- checkpoint
+    def payload(self) -> dict[str, Any]:
+        p: dict[str, Any] = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                             "data": self.stream.state_dict(), "config": self.cfg.to_dict(),
+                             "history": list(self.history), "finite_guard": self.finite.state_dict(),
+                             **self.extra_state()}
+        if self.spike is not None:
+            p["spike_guard"] = self.spike.state_dict()
+        return p
+
+    def save(self) -> None:
+        self.ckpt.save(self.step, self.payload(), metadata={"epoch": self.stream.epoch,
+                                                             "batches_consumed": self.stream.batches_consumed})
+
+    def try_resume(self) -> bool:
+        """Load the newest valid checkpoint of the output dir, if there is one."""
+        loaded = self.ckpt.load_latest(map_location=self.device)
+        if loaded is None:
+            return False
+        p = loaded.payload
+        self.model.load_state_dict(p["model"])
+        self.optimizer.load_state_dict(p["optimizer"])
+        self.load_extra_state(p, loaded.path)
+        self.stream.load_state_dict(p["data"])
+        self.history = list(p.get("history", []))
+        if "finite_guard" in p:  # fine-tuning checkpoints written before the step guard lack them
+            self.finite.load_state_dict(p["finite_guard"])
+        if self.spike is not None and "spike_guard" in p:
+            self.spike.load_state_dict(p["spike_guard"])
+        self.step = loaded.step
+        self.log.truncate_after(self.step)
+        logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
+                    self.stream.epoch, self.stream.batches_consumed, self.stream.batches_per_epoch)
+        return True
+
+    # ------------------------------------------------------------------------------------------------ loop
+    def run(self) -> int:
+        """Train to the last step; 0 when done, or the exit code of a save for a signal (requeue / Ctrl-C)."""
+        timer = StepTimer()
+        self.model.train()
+        timer.start()
+        while self.step < self.total_steps:
+            for batch in self.stream:
+                timer.data_ready()
+                verdict = self.train_step(batch)
+                timer.step_done(batch[self.images_key].shape[0] * self.dist.world_size)
+                self._log_step(batch, verdict, timer)
+                # Evaluate before the checkpoint of the same step, so a resumed run never skips or repeats one.
+                if self.eval_due(batch):
+                    record = self.evaluate(batch)
+                    if record is not None:
+                        self.log.write(record)
+                        self.history.append(record)
+                    self.model.train()
+                    timer.start()
+                if verdict.stop or self.checkpoint_due(batch):
+                    self.save()
+                    timer.start()
+                if verdict.stop:
+                    code = stop_exit_code(self.guard.preempt)
+                    self.log.write({"event": "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted",
+                                    "step": self.step, "exit_code": code})
+                    return code
+                if self.step >= self.total_steps:
+                    break
+        return 0
+
+    def _log_step(self, batch: dict[str, Any], verdict: Verdict, timer: StepTimer) -> None:
+        loss = verdict.metrics["loss"]
+        lr = peak_group_lr(self.optimizer)
+        self.log.write({"step": self.step, "epoch": batch["epoch"], "loss": loss, "lr": lr,
+                        "grad_norm": verdict.metrics["grad_norm"], "skipped": float(verdict.skip)})
+        if verdict.skip:
+            self.log.write({"event": "step_skipped", "step": self.step,
+                            "nonfinite": float(verdict.skip_nonfinite), "spike": float(verdict.skip_spike)})
+            logger.warning("step %d skipped (%s)", self.step,
+                           "non-finite loss or gradients" if verdict.skip_nonfinite else "loss spike")
+        if is_due(self.step, self.log_every_steps, total_steps=self.total_steps):
+            timing = timer.pop_window()
+            logger.info("step %d/%d (epoch %d) loss %.4f lr %.3g %.1f img/s data-wait %.0f%% ETA %s", self.step,
+                        self.total_steps, batch["epoch"] + 1, loss, lr, timing.img_per_s,
+                        100 * timing.data_wait_fraction, format_duration(timing.eta_s(self.total_steps - self.step)))
+
+
+def peak_group_lr(optimizer: torch.optim.Optimizer) -> float:
+    """lr of the un-decayed groups (lr_scale 1: head / decoder) = the scheduler's current value."""
+    return max(float(g["lr"]) / float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups)
+
+
+def run_supervised(device: str, output_dir: Path, resume: bool,
+                   build: Callable[[DistInfo, PreemptionFlag], SupervisedRun],
+                   finish: Callable[[SupervisedRun, bool, float], dict[str, Any]]) -> dict[str, Any] | int:
+    """Set up the process, build the run with ``build(dist, preempt)``, resume it (unless ``resume=False``), train
+    it, and return ``finish(run, resumed, start time)`` (the results, computed while the process group is up), or
+    the requeue / interrupt exit code when a signal stopped the run after saving at a step boundary.
+
+    The preemption flag is installed first, as in pretraining: a signal during start-up is honoured at the first
+    step boundary.
+    """
+    preempt = PreemptionFlag(interrupt=True, announce=True)
+    preempt.install()
+    try:
+        with process_group(device) as dist:
+            preempt.announce = dist.is_main
+            setup_logging(dist.rank)
+            if dist.is_main:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            barrier()
+            t0 = time.perf_counter()
+            run = build(dist, preempt)
+            resumed = resume and run.try_resume()
+            if not resumed and dist.is_main:
+                run.log.truncate_after(0)
+            logger.info("%s", run.describe())
+            try:
+                code = run.run()
+            finally:
+                run.log.close()
+            if code:
+                barrier()
+                return code
+            results = finish(run, resumed, t0)
+            barrier()
+            return results
+    finally:
+        preempt.uninstall()
