@@ -254,7 +254,6 @@ def build_ssl_step(recipe: Path, overrides: list[str], batch: int, device: torch
     """One full DINOv2 step of ``recipe`` on a fixed random multi-crop batch of ``batch`` images."""
     from ssl_vil.config import load_config
     from ssl_vil.infra.precision import autocast, resolve_precision
-    from ssl_vil.masking import MultiCropMaskCollate
     from ssl_vil.train.build import build_optimizer, build_ssl_objective
 
     cfg = load_config(recipe, [*SCHEDULE, *overrides, f"optim.global_batch_size={batch}",
@@ -267,14 +266,7 @@ def build_ssl_step(recipe: Path, overrides: list[str], batch: int, device: torch
     if compiled:  # the objective's forward then goes through the compiled student, as train.compile=true does
         objective.wrap_student(torch.compile)
     a = cfg.data.augment
-    grid = a.global_size // cfg.model.patch_size
-    collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
-    gen = torch.Generator().manual_seed(0)
-    samples = [{"key": f"s{i}", "label": 0,
-                "views": [torch.randn(3, a.global_size, a.global_size, generator=gen) for _ in range(a.n_global)]
-                + [torch.randn(3, a.local_size, a.local_size, generator=gen) for _ in range(a.n_local)]}
-               for i in range(batch)]
-    cpu_batch = collate(samples, torch.Generator().manual_seed(1))
+    cpu_batch = random_multicrop_batch(cfg, batch)
     data = to_device(cpu_batch, device)
     precision = resolve_precision(cfg.train.precision, device)
 
@@ -292,6 +284,20 @@ def build_ssl_step(recipe: Path, overrides: list[str], batch: int, device: torch
             f"{', mlstm ' + cfg.model.mlstm_backend if vil else ''}), K={cfg.objective.dino_head.out_dim}, "
             f"{a.n_global}x{a.global_size}+{a.n_local}x{a.local_size} px, {precision}")
     return SSLStep(step, cpu_batch, data, what)
+
+
+def random_multicrop_batch(cfg: Any, batch: int) -> dict[str, Any]:
+    """``batch`` samples of random crops shaped like the run's multi-crop views, through the run's own collate
+    (iBOT masks included), on the CPU; seeded, so every call gives the same batch."""
+    from ssl_vil.train.data import multicrop_collate
+
+    a = cfg.data.augment
+    gen = torch.Generator().manual_seed(0)
+    samples = [{"key": f"s{i}", "label": 0,
+                "views": [torch.randn(3, a.global_size, a.global_size, generator=gen) for _ in range(a.n_global)]
+                + [torch.randn(3, a.local_size, a.local_size, generator=gen) for _ in range(a.n_local)]}
+               for i in range(batch)]
+    return multicrop_collate(cfg)(samples, torch.Generator().manual_seed(1))
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

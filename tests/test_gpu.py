@@ -13,7 +13,9 @@ Triton code, the Triton mLSTM kernels and faiss's GPU index.
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,6 @@ from ssl_vil.backbones.kernels_form import TRITON_KERNEL, kernels_available, mls
 from ssl_vil.config import load_config
 from ssl_vil.eval.knn_search import search_faiss, search_torch
 from ssl_vil.infra.precision import autocast
-from ssl_vil.masking import MultiCropMaskCollate
 from ssl_vil.objectives import self_distillation
 from ssl_vil.train.build import build_optimizer, build_ssl_objective
 
@@ -51,6 +52,17 @@ TINY = ["model.dim=64", "model.depth=2", "model.patch_size=4", "data.augment.glo
 CUDA = torch.device("cuda")
 
 
+def _load_gpu_check() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+GPU_CHECK = _load_gpu_check()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|: one number per tensor, insensitive to the tensor's scale."""
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
@@ -60,17 +72,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _tiny_batch(cfg: Any, batch: int) -> dict[str, Any]:
-    """A multi-crop batch of random crops through the project's collate (masks for iBOT included), on CUDA."""
-    a = cfg.data.augment
-    grid = a.global_size // cfg.model.patch_size
-    collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
-    gen = torch.Generator().manual_seed(0)
-    samples = [{"key": f"s{i}", "label": 0,
-                "views": [torch.randn(3, a.global_size, a.global_size, generator=gen) for _ in range(a.n_global)]
-                + [torch.randn(3, a.local_size, a.local_size, generator=gen) for _ in range(a.n_local)]}
-               for i in range(batch)]
-    cpu = collate(samples, torch.Generator().manual_seed(1))
-    return {k: v.to(CUDA) if isinstance(v, torch.Tensor) else v for k, v in cpu.items()}
+    """The benchmark's random multi-crop batch (the project's collate, iBOT masks included), on CUDA."""
+    return GPU_CHECK.to_device(GPU_CHECK.random_multicrop_batch(cfg, batch), CUDA)
 
 
 def test_bf16_autocast_step_keeps_losses_in_fp32(monkeypatch):

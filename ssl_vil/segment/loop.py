@@ -50,12 +50,13 @@ def class_names(cfg: SegmentConfig, train: Any, val: Any | None) -> list[str]:
     """The class list: the train data's (manifest / classes.txt), checked against the val data's and
     ``model.num_classes``; numbered names when the data names none."""
     names = list(train.classes)
-    if val is not None and val.classes and names and list(val.classes) != names:
-        raise DataConfigError(f"class names differ between data.train ({train.source}: {len(names)} classes) and "
-                              f"data.val ({val.source}: {len(val.classes)} classes): first difference "
-                              + next(f"#{i}: {a!r} vs {b!r}" for i, (a, b) in
-                                     enumerate(zip(names + [None] * 999, list(val.classes) + [None] * 999))
-                                     if a != b))
+    other = list(val.classes) if val is not None else []
+    if names and other and other != names:
+        first = next((i for i, (a, b) in enumerate(zip(names, other)) if a != b), min(len(names), len(other)))
+        raise DataConfigError(
+            f"class names differ between data.train ({train.source}: {len(names)} classes) and data.val "
+            f"({val.source}: {len(other)} classes): first difference at #{first}: "
+            f"{names[first] if first < len(names) else None!r} vs {other[first] if first < len(other) else None!r}")
     wanted = cfg.model.num_classes
     if wanted is None:
         if not names:

@@ -61,16 +61,23 @@ class Segmenter(nn.Module):
         return out
 
 
-def _map_facts(backbone: nn.Module, indices: list[int], img_size: int, norm: bool) -> tuple[list[int], int]:
-    """(channels of the maps at ``indices``, their stride in px), from a dry forward: works for any timm
-    backbone, whatever its patch size and stride."""
+def probe_backbone(backbone: nn.Module, indices: list[int], img_size: int, norm: bool) -> tuple[list[int], int]:
+    """One dry forward + backward of the maps at ``indices``: returns (their channels, their stride in px) and
+    freezes the backbone parameters the maps never reach (the classifier side: pre-head norm, pooling-only parts;
+    blocks after the last index). Those would otherwise get weight decay without gradients and make DDP wait for
+    gradients that never come. Works for any timm backbone, whatever its patch size and stride."""
     was_training = backbone.training
-    backbone.eval()
+    backbone.eval()  # reachability is the same in eval mode, and nothing stateful is updated
     param = next(backbone.parameters())
-    with torch.no_grad():
-        probe = torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype)
-        maps = backbone.forward_intermediates(probe, indices=indices, norm=norm, output_fmt="NCHW",
-                                              intermediates_only=True, stop_early=True)
+    probe = torch.zeros(2, 3, img_size, img_size, device=param.device, dtype=param.dtype)
+    maps = backbone.forward_intermediates(probe, indices=indices, norm=norm, output_fmt="NCHW",
+                                          intermediates_only=True, stop_early=True)
+    backbone.zero_grad(set_to_none=True)
+    sum(m.sum() for m in maps).backward()
+    for p in backbone.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(False)
+        p.grad = None
     backbone.train(was_training)
     # Stride = the step between map positions: (img - patch) / (grid - 1) for overlapping patches too.
     grid = int(maps[0].shape[-1])
@@ -83,21 +90,16 @@ def _map_facts(backbone: nn.Module, indices: list[int], img_size: int, norm: boo
 def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, dict[str, Any]]:
     """The backbone from ``cfg.model`` (pretrained weights or random init, built at the training crop size) with
     a fresh decoder. Returns (segmenter, info) with info = model.json-style facts of the backbone."""
-    from ssl_vil.backbones.vit_adapter import is_vit_model
+    from ssl_vil.backbones.vit_adapter import is_vit_model, make_dynamic_img_size
     from ssl_vil.eval.finetune_setup import create_model_from
 
     m, crop = cfg.model, cfg.data.crop_size
-    name = m.name
-    if m.weights is None and name is None:
+    if m.weights is None and m.name is None:
         raise ValueError("model.name is required without model.weights")
-    # A timm ViT maps inputs of any size to its runtime grid only when built with dynamic_img_size.
-    vit = (name is not None and is_vit_model(name))
-    extra = {"dynamic_img_size": True} if vit else {}
     backbone, info = create_model_from(m.weights, m.name, m.kwargs, num_classes=0, drop_path_rate=m.drop_path_rate,
-                                       img_size=crop, **extra)
-    if not vit and is_vit_model(info["model"]):  # a ViT run's weights: rebuild with dynamic_img_size
-        backbone, info = create_model_from(m.weights, m.name, m.kwargs, num_classes=0,
-                                           drop_path_rate=m.drop_path_rate, img_size=crop, dynamic_img_size=True)
+                                       img_size=crop)
+    if is_vit_model(info["model"]):  # a timm ViT maps any input size to its runtime grid only in this mode
+        make_dynamic_img_size(backbone)
     if m.mlstm_backend is not None and hasattr(backbone, "set_mlstm_backend"):
         backbone.set_mlstm_backend(m.mlstm_backend)
     if not hasattr(backbone, "forward_intermediates"):
@@ -107,29 +109,6 @@ def build_segmenter(cfg: SegmentConfig, num_classes: int) -> tuple[Segmenter, di
         raise invalid("model.feature_indices", m.feature_indices,
                       f"block indices in [-{num_blocks}, {num_blocks - 1}]: {info['model']} has {num_blocks} "
                       "entries in .blocks" + (" (ViL2: block pairs)" if info["model"].startswith("vil2_") else ""))
-    channels, stride = _map_facts(backbone, m.feature_indices, crop, m.feature_norm)
+    channels, stride = probe_backbone(backbone, m.feature_indices, crop, m.feature_norm)
     decoder = build_decoder(m.decoder, channels, num_classes, m.decoder_dim, stride)
-    model = Segmenter(backbone, decoder, m.feature_indices, m.feature_norm)
-    freeze_unreached(model, crop)
-    return model, info
-
-
-def freeze_unreached(model: Segmenter, img_size: int) -> list[str]:
-    """Freeze the backbone parameters the segmentation path never reaches (the classifier side: pre-head norm,
-    pooling-only parts; blocks after the last feature index), found by one backward pass; returns their names.
-
-    They would otherwise get weight decay without gradients and make DDP wait for gradients that never come.
-    """
-    was_training = model.training
-    model.eval()  # reachability is the same in eval mode, and BatchNorm's running statistics stay untouched
-    param = next(model.parameters())
-    probe = torch.zeros(2, 3, img_size, img_size, device=param.device, dtype=param.dtype)
-    model.zero_grad(set_to_none=True)
-    model(probe).sum().backward()
-    frozen = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
-    for name, p in model.named_parameters():
-        p.grad = None
-        if name in frozen:
-            p.requires_grad_(False)
-    model.train(was_training)
-    return frozen
+    return Segmenter(backbone, decoder, m.feature_indices, m.feature_norm), info

@@ -21,8 +21,7 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
     """One rank's stream of micro-batches (``derived.micro_batch_size`` each; a step takes ``grad_accum_steps``)."""
     a, d = cfg.data.augment, cfg.data
     transform = multicrop_from_config(a)
-    grid = a.global_size // cfg.model.patch_size
-    collate = MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
+    collate = multicrop_collate(cfg)
     shards = train_data(d)
     try:
         return TrainStream(
@@ -33,6 +32,13 @@ def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:
             budget_error="attach")  # the step guard stops every rank at the same step
     except DataConfigError as err:
         raise (err.within("data") if err.key else err) from None
+
+
+def multicrop_collate(cfg: RunConfig) -> MultiCropMaskCollate:
+    """The collate of the run's multi-crop views, with the iBOT block masks over the global crops' patch grid."""
+    a = cfg.data.augment
+    grid = a.global_size // cfg.model.patch_size
+    return MultiCropMaskCollate.from_config((grid, grid), a.n_global, a.n_local, cfg.masking)
 
 
 def train_data(d: DataConfig) -> ShardSet:
