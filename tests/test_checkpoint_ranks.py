@@ -41,7 +41,8 @@ CHILD_SRC = textwrap.dedent(
     assert loaded.step == 5 and torch.equal(loaded.payload["model"]["w"], payload["model"]["w"])
     written = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     print(f"rank {rank} ok {written}", flush=True)
-    dist.destroy_process_group()
+    from ssl_vil.infra.dist import leave_group
+    leave_group()  # all ranks together
     """
 )
 

@@ -146,7 +146,8 @@ RANK_RUNNER = textwrap.dedent(
                                       "local": totals, "steps": stream.batches_per_epoch})
     if rank == 0:
         json.dump({"reduced": reduced, "ranks": gathered}, open(out, "w"))
-    dist.destroy_process_group()
+    from ssl_vil.infra.dist import leave_group
+    leave_group()  # all ranks together
     """
 )
 

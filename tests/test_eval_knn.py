@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -115,23 +114,14 @@ def test_bad_inputs_raise_clear_errors():
         knn.find_neighbours(query, train, tlab[:-1], 3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Uneven shards: rank 1 holds fewer train rows than k and more queries than rank 0.
 _SPLITS = {"train": (290, 10), "query": (13, 37)}
 
 
-def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
+def _distributed_worker(rank: int, world: int, out_dir: str) -> None:
+    from gloo_group import gloo_group
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_group(rank, world, os.path.join(out_dir, "rendezvous")):
         query, qlab, train, tlab = _random_problem(21, 300, 50, 16, 6)
         t0 = sum(_SPLITS["train"][:rank])
         q0 = sum(_SPLITS["query"][:rank])
@@ -144,14 +134,12 @@ def _distributed_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             out[backend] = (nb.sims, nb.labels, [(r.k, r.k_effective, r.top1_correct, r.top5_correct, r.total)
                                                  for r in res])
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_distributed_equals_single_process(tmp_path):
     pytest.importorskip("faiss")
-    mp.start_processes(_distributed_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_distributed_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     out = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     query, qlab, train, tlab = _random_problem(21, 300, 50, 16, 6)

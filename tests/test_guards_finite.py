@@ -62,7 +62,8 @@ def finite_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     skip = run_policy(FiniteGuard("skip", 3, out / "skip", rank), rank, SKIP_FAULTS, n_steps=10)
     halt = run_policy(FiniteGuard("halt", 3, out / "halt", rank), rank, HALT_FAULTS, n_steps=10)
     (out / f"finite_rank{rank}.json").write_text(json.dumps({"skip": skip, "halt": halt}))
-    dist.destroy_process_group()
+    from ssl_vil.infra.dist import leave_group
+    leave_group()  # all ranks together
 
 
 def run_ranks(worker: str, tmp_path: Path, world: int = 2, timeout_s: float = 90) -> list[subprocess.CompletedProcess]:

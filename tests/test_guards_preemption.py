@@ -50,7 +50,8 @@ def preempt_worker(rank: int, world: int, store: str, out_dir: str) -> None:
     external = stop_loop(flag, rank, inject=False)
     flag.uninstall()
     (out / f"stopped_rank{rank}.json").write_text(json.dumps({"injected": injected, "external": external}))
-    dist.destroy_process_group()
+    from ssl_vil.infra.dist import leave_group
+    leave_group()  # all ranks together
     sys.exit(REQUEUE_EXIT_CODE if external["step"] is not None else 1)
 
 

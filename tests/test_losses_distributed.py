@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo_group import gloo_group
 from ssl_vil.losses import EMACenter, sinkhorn_knopp
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_batch():
@@ -27,11 +20,8 @@ def _full_batch():
     return logits, valid
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    with gloo_group(rank, world, os.path.join(out_dir, "rendezvous")):
         logits, valid = _full_batch()
         # Uneven split: rank 0 holds 5 rows, rank 1 holds 7.
         rows = slice(0, 5) if rank == 0 else slice(5, 12)
@@ -41,14 +31,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         center.accumulate(logits[rows][2 + rank :], valid=valid[rows][2 + rank :])
         center.commit()
         torch.save({"q": q, "center": center.center}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_sinkhorn_and_center_all_reduce_match_full_batch(tmp_path):
-    port = _free_port()
-    mp.start_processes(_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     logits, valid = _full_batch()
     full_q = sinkhorn_knopp(logits, 0.07, 3, valid=valid)

@@ -4,25 +4,16 @@ loss state stay identical."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from gloo_group import gloo_group
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+def _worker(rank: int, world: int, out_dir: str) -> None:
+    with gloo_group(rank, world, os.path.join(out_dir, "rendezvous")):
         import timm
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -67,13 +58,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             obj.commit_step()
         state = {k: v for k, v in obj.state_dict().items() if "running" not in k and "num_batches" not in k}
         torch.save({"state": state, "losses": losses}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_ddp_replicas_teachers_and_centers_stay_identical(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["losses"] != r1["losses"]  # the ranks saw different data
     assert r0["state"].keys() == r1["state"].keys()

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gloo_group import gloo_group
 from ssl_vil.train.fsdp import by_index, by_name
 from trainer_harness import (RECIPE, assert_tree_equal, final_payload, logs, losses, records, run_training,
                              tiny_overrides, write_shards)
@@ -36,12 +35,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 STEPS = 4
 # Clipping far below the gradient norms (~100 here), so every step clips: a local (per-shard) norm would show.
 EXTRA = ["optim.grad_accum_steps=2", "optim.clip_grad_norm=0.05", "checkpoint.every_steps=2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,27 +100,18 @@ def _restore_and_dump(rank: int, world: int, source: Path, overrides: list[str],
         torch.save({"state": state, "sharded": is_sharded(t.step.objective.student), "step": progress.step}, out)
 
 
-def _world_size_1_worker(rank: int, port: int, source: str, overrides: list[str], out_dir: str) -> None:
+def _world_size_1_worker(rank: int, source: str, overrides: list[str], out_dir: str) -> None:
     """World size 1 twice: without a process group (the plain student, as ``train.distributed=ddp`` runs), then
     sharded over a one-rank gloo group (every load goes through set_model/optimizer_state_dict)."""
     torch.set_num_threads(1)
     _restore_and_dump(0, 1, Path(source), overrides + ["train.distributed=ddp"], Path(out_dir) / "plain.pt")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
+    with gloo_group(0, 1, os.path.join(out_dir, "rendezvous")):
         _restore_and_dump(0, 1, Path(source), overrides + ["train.distributed=fsdp2"], Path(out_dir) / "sharded.pt")
-    finally:
-        dist.destroy_process_group()
 
 
-def _world_size_2_worker(rank: int, port: int, source: str, overrides: list[str], out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+def _world_size_2_worker(rank: int, source: str, overrides: list[str], out_dir: str) -> None:
+    with gloo_group(rank, 2, os.path.join(out_dir, "rendezvous")):
         _restore_and_dump(rank, 2, Path(source), overrides + ["train.distributed=fsdp2"], Path(out_dir) / "ws2.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def _assert_loaded_equals_saved(dump: Path, saved: dict, *, sharded: bool) -> None:
@@ -139,7 +123,7 @@ def _assert_loaded_equals_saved(dump: Path, saved: dict, *, sharded: bool) -> No
 
 def test_fsdp2_checkpoint_loads_at_world_size_1_bitwise(runs, tmp_path):
     saved = final_payload(runs["fsdp2"])
-    mp.start_processes(_world_size_1_worker, args=(_free_port(), str(runs["fsdp2"]), runs["base"], str(tmp_path)),
+    mp.start_processes(_world_size_1_worker, args=(str(runs["fsdp2"]), runs["base"], str(tmp_path)),
                        nprocs=1, start_method="spawn")
     _assert_loaded_equals_saved(tmp_path / "plain.pt", saved, sharded=False)
     _assert_loaded_equals_saved(tmp_path / "sharded.pt", saved, sharded=True)
@@ -147,7 +131,7 @@ def test_fsdp2_checkpoint_loads_at_world_size_1_bitwise(runs, tmp_path):
 
 def test_ddp_checkpoint_loads_into_fsdp2_at_world_size_2_bitwise(runs, tmp_path):
     saved = final_payload(runs["ddp"])
-    mp.start_processes(_world_size_2_worker, args=(_free_port(), str(runs["ddp"]), runs["base"], str(tmp_path)),
+    mp.start_processes(_world_size_2_worker, args=(str(runs["ddp"]), runs["base"], str(tmp_path)),
                        nprocs=2, start_method="spawn")
     _assert_loaded_equals_saved(tmp_path / "ws2.pt", saved, sharded=True)
 
@@ -166,11 +150,8 @@ def test_fsdp2_run_resumes_at_world_size_1_under_ddp(runs):
 
 
 # ------------------------------------------------------------------------------------------- EMA and clipping
-def _ema_and_clip_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+def _ema_and_clip_worker(rank: int, out_dir: str) -> None:
+    with gloo_group(rank, 2, os.path.join(out_dir, "rendezvous")):
         import copy
 
         import timm
@@ -225,12 +206,10 @@ def _ema_and_clip_worker(rank: int, port: int, out_dir: str) -> None:
                         "clipped": clipped,
                         "clipped_ref": {n: p.grad for n, p in reference.student.named_parameters() if n in grads}},
                        os.path.join(out_dir, "ema_clip.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ema_on_shards_equals_full_ema_and_clipping_uses_the_global_norm(tmp_path):
-    mp.start_processes(_ema_and_clip_worker, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_ema_and_clip_worker, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     out = torch.load(tmp_path / "ema_clip.pt", weights_only=True)
     assert out["ema_collectives"] == 0  # shard i of the teacher from shard i of the student, no communication
     assert type(out["norm_sharded"]) is torch.Tensor  # a plain tensor for the step guard, not a DTensor

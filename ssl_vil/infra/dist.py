@@ -9,6 +9,7 @@ one themselves.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,8 +79,20 @@ def process_group(device: str = "auto") -> Iterator[DistInfo]:
     info = init_distributed(device=device)
     yield info
     if created and is_distributed():
-        barrier()
-        torch_dist.destroy_process_group()
+        leave_group()
+
+
+def leave_group() -> None:
+    """Tear the default process group down on every rank together (call it on all ranks, after the work).
+
+    First the garbage that still references the group (FSDP2's device mesh and DTensors sit in reference
+    cycles) is freed while the group exists; then a barrier, so no rank closes its connections while another
+    is still using them; then ``destroy_process_group``. Skipping either step lets a rank abort with SIGABRT
+    ("terminate called without an active exception") after its work is done.
+    """
+    gc.collect()
+    barrier()
+    torch_dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
