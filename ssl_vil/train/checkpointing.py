@@ -47,15 +47,20 @@ class Checkpointer:
     """Saves every ``every_steps``, at the last step and on preemption; restores the newest verified save.
 
     ``payload`` components become payload files of their own; ``loop_state`` components go into ``train_state``
-    (a disabled one may be None and saves as ``{}``).
+    (a disabled one may be None and saves as ``{}``). ``also_due(step, batch)`` adds save points of the task's
+    own (the end of each epoch of a fine-tune). ``upgrade(loaded)`` rewrites, in place, a checkpoint written in an
+    older layout (one without ``train_state``) into this one before anything is restored from it.
     """
 
     def __init__(self, manager: CheckpointManager, *, every_steps: int, total_steps: int,
                  payload: dict[str, Stateful], loop_state: dict[str, Stateful | None],
-                 config_record: dict[str, Any] | None = None) -> None:
+                 config_record: dict[str, Any] | None = None,
+                 also_due: Callable[[int, Any], bool] | None = None,
+                 upgrade: Callable[[LoadedCheckpoint], None] | None = None) -> None:
         self.manager, self.every_steps, self.total_steps = manager, every_steps, total_steps
         self.payload, self.loop_state = payload, loop_state
         self.config_record = config_record
+        self.also_due, self.upgrade = also_due, upgrade
 
     @classmethod
     def for_run(cls, run_dir: Path, cfg: Any, *, config_hash: str, world_size: int, rank: int, git_sha: str | None,
@@ -74,8 +79,11 @@ class Checkpointer:
         """Checkpoints skipped at load because they failed verification."""
         return self.manager.fallbacks
 
-    def due(self, step: int, *, stop: bool = False) -> bool:
-        return stop or is_due(step, self.every_steps, total_steps=self.total_steps)
+    def due(self, step: int, batch: Any = None, *, stop: bool = False) -> bool:
+        """Save after ``step`` (which consumed ``batch``)? On a stop, every ``every_steps``, at the last step, and
+        where ``also_due`` says."""
+        return (stop or is_due(step, self.every_steps, total_steps=self.total_steps)
+                or (self.also_due is not None and self.also_due(step, batch)))
 
     def save(self, progress: Progress) -> Path:
         """Collective when distributed: every rank contributes its RNG streams."""
@@ -99,6 +107,8 @@ class Checkpointer:
             return None
         if check is not None:
             check(loaded)
+        if "train_state" not in loaded.payload and self.upgrade is not None:
+            self.upgrade(loaded)
         for name, component in self.payload.items():
             component.load_state_dict(loaded.payload[name])
         st = loaded.payload["train_state"]
@@ -109,7 +119,8 @@ class Checkpointer:
         # Per-rank RNG streams (drop path) continue exactly on the same world size; on another one, ranks reuse
         # the saved streams cyclically. Restored last: loading the components above must not draw from them.
         rng = st["rng"]
-        restore_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
+        if rng is not None:  # None: a checkpoint from before the RNG streams were saved (see ``upgrade``)
+            restore_rng_state(rng[rank % len(rng)] if isinstance(rng, list) else rng)
         return loaded
 
 

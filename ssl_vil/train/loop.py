@@ -1,8 +1,9 @@
-"""The training loop: resume, iterate, log, checkpoint, preempt, export.
+"""The pretraining run: build its components, resume, drive the shared step loop, export.
 
 ``run(cfg, run_dir, dist)`` is what ``python -m ssl_vil.train`` calls on every rank, locally, under torchrun and
-under the Slurm launcher. It returns 0 when the run is complete, :data:`REQUEUE_EXIT_CODE` after a preemption save,
-:data:`INTERRUPT_EXIT_CODE` after a Ctrl-C save.
+under the Slurm launcher. It returns 0 when the run is complete, ``REQUEUE_EXIT_CODE`` after a preemption save,
+``INTERRUPT_EXIT_CODE`` after a Ctrl-C save (:mod:`ssl_vil.train.preemption`). The loop itself
+(:func:`ssl_vil.train.step_loop.run_steps`) is the one fine-tuning and segmentation drive too.
 Policies live in the components it drives: the step guard decides skip / stop (one collective per step), the
 checkpointer decides when to save and what a save holds, the logger when to print.
 """
@@ -13,7 +14,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,10 +39,11 @@ from ssl_vil.train.fsdp import is_sharded, rank_agnostic_payload, shard_objectiv
 from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
 from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.metrics_log import MetricsLogger
-from ssl_vil.train.preemption import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag, stop_exit_code
+from ssl_vil.train.preemption import PreemptionFlag
 from ssl_vil.train.run_dir import RunDirError, RunDirLock, check_checkpoint_config, git_sha, write_run_record
 from ssl_vil.train.step import DIAGNOSTICS, LOSS_TERMS, StepComponents, train_step
 from ssl_vil.train.step_guard import StepGuard, Verdict
+from ssl_vil.train.step_loop import Periodic, run_steps
 from ssl_vil.train.watchdog import HangWatchdog
 
 log = logging.getLogger("ssl_vil.train")
@@ -118,45 +120,37 @@ def _train(cfg: RunConfig, run_dir: Path, dist: DistInfo, t: _Trainer, progress:
     elif t.checkpointer.fallbacks:
         logger.log_event("checkpoint_fallback", fallbacks=t.checkpointer.fallbacks)
     watchdog = HangWatchdog(cfg.guards.watchdog_timeout_s, run_dir, dist.rank)
-    timer, knn = StepTimer(), t.knn
-    started_at, first_step, last_loss, last_knn = time.monotonic(), progress.step, None, None
-    batches = batches_forever(t.stream)
+    started_at, first_step = time.monotonic(), progress.step
+    last: dict[str, Any] = {"loss": None, "knn": None}
+
+    def step(micro: list[dict[str, Any]]) -> tuple[Verdict, int]:
+        verdict = train_step(t.step, micro, progress.step)
+        last["loss"] = verdict.metrics["loss"]
+        return verdict, batch
+
+    def knn_eval(step: int, _: Any) -> None:
+        last["knn"] = t.knn(t.knn_backbone())
+        logger.log_event("knn", step=step, **last["knn"])
+
     t.step.objective.train()
     watchdog.start()
-    timer.start()
     try:
-        while progress.step < total:
-            watchdog.beat(progress.step)
-            micro = [_to_device(next(batches), dist.device) for _ in range(cfg.optim.grad_accum_steps)]
-            timer.data_ready()
-            verdict = train_step(t.step, micro, progress.step)
-            progress.step += 1
-            progress.samples_seen += batch
-            timer.step_done(batch)
-            _log_step(logger, progress, t.stream.epoch, verdict, timer)
-            last_loss = verdict.metrics["loss"]
-            if knn.due(progress.step):
-                with watchdog.paused():
-                    last_knn = knn(t.knn_backbone())
-                    logger.log_event("knn", step=progress.step, **last_knn)
-                timer.start()
-            if t.checkpointer.due(progress.step, stop=verdict.stop):
-                with watchdog.paused():
-                    t.checkpointer.save(progress)
-                timer.start()
-            if verdict.stop:
-                code = stop_exit_code(t.step.guard.preempt)
-                event = "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted"
-                logger.log_event(event, step=progress.step, exit_code=code)
-                return code
+        code = run_steps(
+            _accumulated(batches_forever(t.stream), cfg.optim.grad_accum_steps, dist.device),
+            progress=progress, total_steps=total, step=step, checkpointer=t.checkpointer, watchdog=watchdog,
+            log_step=lambda _, verdict, timer: _log_step(logger, progress, t.stream.epoch, verdict, timer),
+            periodic=[Periodic(lambda step, _: t.knn.due(step), knn_eval)], preempt=t.step.guard.preempt,
+            on_stop=lambda event, code: logger.log_event(event, step=progress.step, exit_code=code))
     finally:
         watchdog.stop()
         logger.close()
+    if code:
+        return code
     if dist.is_main:
         exported = export_run(run_dir, progress.step)
         k = cfg.knn_monitor
         log.info("\n%s", end_summary(run_dir, steps=progress.step - first_step, seconds=time.monotonic() - started_at,
-                                     last_loss=last_loss, knn=last_knn, export_path=exported,
+                                     last_loss=last["loss"], knn=last["knn"], export_path=exported,
                                      knn_data=(k.train, k.val) if k.train and k.val else None))
     barrier()
     return 0
@@ -243,6 +237,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _accumulated(batches: Iterator[dict[str, Any]], micro_steps: int, device: torch.device
+                 ) -> Iterator[list[dict[str, Any]]]:
+    """The micro-batches of one optimizer step (gradient accumulation), on ``device``."""
+    while True:
+        yield [_to_device(next(batches), device) for _ in range(micro_steps)]
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
