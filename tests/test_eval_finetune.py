@@ -3,6 +3,7 @@ skip / halt), exact resume after SIGKILL and after a preemption save."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -234,6 +235,44 @@ def test_resume_after_sigkill_and_preemption_continues_exactly(digits_shards, tm
     run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     assert ref_state.keys() == run_state.keys()
     assert all(torch.equal(ref_state[k], run_state[k]) for k in ref_state)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_earlier_flat_layout_resumes_exactly(digits_shards, tmp_path):
+    """Run dirs written before fine-tuning used the trainer's checkpointer hold one flat payload (model, optimizer,
+    ema, data, config, history and the guards side by side, no train_state): they resume, bitwise."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    ref_dir, old_dir = tmp_path / "uninterrupted", tmp_path / "old_layout"
+    subprocess.run(_ft_command(digits_shards, ref_dir) + ["train.keep_last=4"], check=True, env=env, cwd=REPO,
+                   capture_output=True)
+
+    # The step-10 checkpoint rewritten as the earlier code wrote it, in a run dir that holds only it.
+    current = CheckpointManager.load_folder(ref_dir / "checkpoints" / "step_00000010")
+    st = current.payload["train_state"]
+    flat = {"model": current.payload["model"], "optimizer": current.payload["optimizer"],
+            "data": st["data"], "config": current.manifest["metadata"]["config"],
+            "history": st["history"]["records"], "finite_guard": st["finite_guard"],
+            "spike_guard": st["spike_guard"], "ema": current.payload["ema"]}
+    old_dir.mkdir()
+    manager = CheckpointManager(old_dir, keep_last=3, keep_every_steps=None,
+                                config_hash=current.manifest["config_hash"], world_size=1, git_sha=None)
+    manager.save(10, flat, metadata={"epoch": 0, "batches_consumed": 10})
+    log = [r for r in read_jsonl(ref_dir / ft.TRAIN_LOG) if r.get("step", 0) <= 10]
+    (old_dir / ft.TRAIN_LOG).write_text("".join(json.dumps(r) + "\n" for r in log))
+
+    done = subprocess.run(_ft_command(digits_shards, old_dir), env=env, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference, resumed = (read_jsonl(d / ft.TRAIN_LOG) for d in (ref_dir, old_dir))
+    assert [(r["step"], r["loss"], r["lr"]) for r in resumed if "event" not in r] == \
+           [(r["step"], r["loss"], r["lr"]) for r in reference if "event" not in r]
+    assert [r for r in resumed if r.get("event") == "eval"] == [r for r in reference if r.get("event") == "eval"]
+    for name in ("model.pt", "ema.pt"):
+        ref_state, run_state = (torch.load(d / "checkpoints" / "step_00000020" / name, weights_only=True)
+                                for d in (ref_dir, old_dir))
+        assert ref_state.keys() == run_state.keys() and all(torch.equal(ref_state[k], run_state[k])
+                                                             for k in ref_state), name
+    # Saved again in the current layout.
+    assert (old_dir / "checkpoints" / "step_00000020" / "train_state.pt").exists()
 
 
 class _NaNOnCalls(torch.nn.Module):

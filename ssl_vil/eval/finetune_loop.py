@@ -55,7 +55,8 @@ class _Run(SupervisedRun):
 
     def __init__(self, cfg: FinetuneConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
         super().__init__(cfg, output_dir, dist, preempt, guards=cfg.guards, keep_last=cfg.train.keep_last,
-                         log_every_steps=cfg.train.log_every_steps)
+                         log_every_steps=cfg.train.log_every_steps,
+                         checkpoint_every_steps=cfg.train.checkpoint_every_steps)
         d = cfg.data
         # Model init draws from the global RNG: same seed on every rank, so DDP starts from one model.
         torch.manual_seed(cfg.train.seed)
@@ -114,14 +115,8 @@ class _Run(SupervisedRun):
                 f"{self.stream.global_batch_size}, peak lr {self.lr:.3g}")
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def extra_state(self) -> dict[str, Any]:
-        return {} if self.ema is None else {"ema": self.ema.module.state_dict()}
-
-    def load_extra_state(self, payload: dict[str, Any], path: Path) -> None:
-        if self.ema is not None:
-            if "ema" not in payload:
-                raise RuntimeError(f"{path}: checkpoint has no EMA state but ema.enabled=true")
-            self.ema.module.load_state_dict(payload["ema"])
+    def extra_components(self) -> dict[str, Any]:
+        return {} if self.ema is None else {"ema": self.ema.module}
 
     # ------------------------------------------------------------------------------------------------ train
     def train_step(self, batch: dict[str, Any]) -> Verdict:
@@ -137,7 +132,7 @@ class _Run(SupervisedRun):
             loss = self.criterion(self.train_model(x), y)
         verdict = self.apply_gradients(loss, batch, cfg.optim.clip_grad_norm)
         if self.ema is not None and not verdict.skip:  # a skipped step leaves the EMA untouched too
-            self.ema.update(self.model, step=self.step)
+            self.ema.update(self.model, step=self.step + 1)  # the count of steps taken, this one included
         return verdict
 
     def _epoch_done(self, batch: dict[str, Any]) -> bool:
@@ -147,8 +142,8 @@ class _Run(SupervisedRun):
         return self._epoch_done(batch) and is_due(batch["epoch"] + 1, self.cfg.train.eval_every_epochs,
                                                   total_steps=self.cfg.schedule.train_epochs)
 
-    def checkpoint_due(self, batch: dict[str, Any]) -> bool:
-        return self._epoch_done(batch) or is_due(self.step, self.cfg.train.checkpoint_every_steps)
+    def also_checkpoint(self, batch: dict[str, Any]) -> bool:
+        return self._epoch_done(batch)
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         source = self.val_source

@@ -1,15 +1,17 @@
-"""What a supervised run on a pretrained backbone (classification fine-tuning, segmentation) shares: the step
-guard, checkpoints with exact resume, the step log, the step loop and the process set-up around it.
+"""What a supervised run on a pretrained backbone (classification fine-tuning, segmentation) shares with
+pretraining and between its tasks: the step guard, the checkpointer, the step loop and the process set-up.
 
 A task subclasses :class:`SupervisedRun` and provides the model, optimizer and stream, ``train_step`` (one
-optimizer step, returning the guard's verdict), ``evaluate`` and the two cadences (``eval_due`` /
-``checkpoint_due``); :func:`run_supervised` installs the preemption flag, joins the process group, builds the run,
-resumes it from the newest checkpoint and trains it.
+optimizer step, returning the guard's verdict), ``evaluate`` and the two cadences (``eval_due`` and the
+checkpoint interval, plus ``also_checkpoint``); :func:`run_supervised` installs the preemption flag, joins the
+process group, builds the run, resumes it from the newest checkpoint and trains it with the step loop pretraining
+uses (:func:`ssl_vil.train.step_loop.run_steps`).
 
-Exact resume: a checkpoint (atomic, hashed: :class:`ssl_vil.checkpoint.CheckpointManager`) holds the model,
-optimizer, guards, history and data cursor (plus what ``extra_state`` adds) at an optimizer step; a run killed after
-the checkpoint of step ``s`` and resumed logs the same steps from ``s + 1`` on as one that was never interrupted,
-provided the task's randomness is a function of counters (per-sample seeds, ``reseed_step``).
+Exact resume: a checkpoint is written by the pretraining trainer's :class:`~ssl_vil.train.checkpointing.Checkpointer`
+(payload files ``model``, ``optimizer`` and the task's extras, e.g. ``ema``; ``train_state`` with the data cursor,
+the guards, the evaluation history and the RNG streams). A run killed after the checkpoint of step ``s`` and resumed
+logs the same steps from ``s + 1`` on as one that was never interrupted. Checkpoints written before this layout
+(one flat payload) are read through :meth:`SupervisedRun.upgrade`.
 """
 
 from __future__ import annotations
@@ -24,20 +26,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from ssl_vil.checkpoint import CheckpointManager, config_hash
+from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, config_hash
 from ssl_vil.eval.reporting import setup_logging
 from ssl_vil.infra.dist import DistInfo, barrier, process_group
-from ssl_vil.infra.exit_codes import INTERRUPT_EXIT_CODE
 from ssl_vil.infra.files import JsonlLog
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
+from ssl_vil.train.checkpointing import Checkpointer, Progress, Stateful
 from ssl_vil.train.config import StepGuardConfig
+from ssl_vil.train.data import batches_forever
 from ssl_vil.train.guards import FiniteGuard, SpikeGuard
-from ssl_vil.train.preemption import PreemptionFlag, stop_exit_code
+from ssl_vil.train.preemption import PreemptionFlag
 from ssl_vil.train.step_guard import StepGuard, Verdict
+from ssl_vil.train.step_loop import Periodic, run_steps
 
 logger = logging.getLogger("ssl_vil.eval")
 
 TRAIN_LOG = "train_log.jsonl"
+
+
+class History(list):
+    """The evaluation records of a run (one dict per evaluation), saved with the loop state."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"records": list(self)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self[:] = state["records"]
 
 
 class SupervisedRun:
@@ -54,21 +68,27 @@ class SupervisedRun:
     images_key: str = "images"  # the batch entry whose first dimension counts the images of a step
 
     def __init__(self, cfg: Any, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag, *,
-                 guards: StepGuardConfig, keep_last: int, log_every_steps: int) -> None:
+                 guards: StepGuardConfig, keep_last: int, log_every_steps: int, checkpoint_every_steps: int) -> None:
         self.cfg, self.out, self.dist, self.device = cfg, output_dir, dist, dist.device
-        self.log_every_steps = log_every_steps
+        self.log_every_steps, self.checkpoint_every_steps = log_every_steps, checkpoint_every_steps
         # The pretraining trainer's step guard: one collective per step decides skip (non-finite, spike) / stop.
         self.finite = FiniteGuard(guards.nonfinite_policy, guards.max_consecutive_skips, output_dir, dist.rank)
         self.spike = SpikeGuard(guards.spike_window_steps, guards.spike_z_threshold,
                                 min(20, guards.spike_window_steps)) if guards.spike_detection else None
         self.guard = StepGuard(self.finite, self.spike, preempt, rank=dist.rank, world_size=dist.world_size)
-        self.ckpt = CheckpointManager(output_dir, keep_last=keep_last, keep_every_steps=None,
-                                      config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
-                                      git_sha=None, rank=dist.rank, barrier=barrier if dist.world_size > 1 else None)
+        self.manager = CheckpointManager(output_dir, keep_last=keep_last, keep_every_steps=None,
+                                         config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
+                                         git_sha=None, rank=dist.rank,
+                                         barrier=barrier if dist.world_size > 1 else None)
         # One record per optimizer step plus events (rank 0); cut back to the checkpoint's step on resume.
         self.log = JsonlLog(output_dir / TRAIN_LOG, enabled=dist.is_main)
-        self.step = 0
-        self.history: list[dict[str, Any]] = []
+        self.progress = Progress()
+        self.history = History()
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (inside ``train_step``: the index of the step being taken)."""
+        return self.progress.step
 
     # --------------------------------------------------------------------------------------- task hooks
     def train_step(self, batch: dict[str, Any]) -> Verdict:
@@ -81,25 +101,23 @@ class SupervisedRun:
     def eval_due(self, batch: dict[str, Any]) -> bool:
         raise NotImplementedError
 
-    def checkpoint_due(self, batch: dict[str, Any]) -> bool:
-        raise NotImplementedError
+    def also_checkpoint(self, batch: dict[str, Any]) -> bool:
+        """Save points of the task's own besides every ``checkpoint_every_steps`` and the last step."""
+        return False
 
     def describe(self) -> str:
         """One line on what the run will do, logged at the start (after a resume)."""
         raise NotImplementedError
 
-    def extra_state(self) -> dict[str, Any]:
-        """Task state saved beside the common payload (e.g. an EMA model)."""
+    def extra_components(self) -> dict[str, Stateful]:
+        """Task state saved as payload files beside the model and the optimizer (e.g. an EMA model)."""
         return {}
-
-    def load_extra_state(self, payload: dict[str, Any], path: Path) -> None:
-        """Restore what ``extra_state`` saved."""
 
     # ------------------------------------------------------------------------------------------- the step
     def apply_gradients(self, loss: torch.Tensor, batch: dict[str, Any], clip_grad_norm: float | None) -> Verdict:
         """Backward ``loss``, clip, and let the step guard decide: the optimizer steps unless the step is skipped
-        (then parameters and optimizer stay untouched). Counts the step; the verdict holds the loss averaged over
-        ranks and the pre-clip gradient norm."""
+        (then parameters and optimizer stay untouched). The verdict holds the loss averaged over ranks and the
+        pre-clip gradient norm."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -111,75 +129,62 @@ class SupervisedRun:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
-        self.step += 1
         return verdict
 
     # ------------------------------------------------------------------------------------------- checkpoint
-    def payload(self) -> dict[str, Any]:
-        p: dict[str, Any] = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                             "data": self.stream.state_dict(), "config": self.cfg.to_dict(),
-                             "history": list(self.history), "finite_guard": self.finite.state_dict(),
-                             **self.extra_state()}
-        if self.spike is not None:
-            p["spike_guard"] = self.spike.state_dict()
-        return p
+    def checkpointer(self) -> Checkpointer:
+        """The pretraining trainer's checkpointer over this task's components."""
+        return Checkpointer(
+            self.manager, every_steps=self.checkpoint_every_steps, total_steps=self.total_steps,
+            payload={"model": self.model, "optimizer": self.optimizer, **self.extra_components()},
+            loop_state={"data": self.stream, "finite_guard": self.finite, "spike_guard": self.spike,
+                        "history": self.history},
+            config_record=self.cfg.to_dict(), also_due=lambda _, batch: self.also_checkpoint(batch),
+            upgrade=self.upgrade)
 
-    def save(self) -> None:
-        self.ckpt.save(self.step, self.payload(), metadata={"epoch": self.stream.epoch,
-                                                             "batches_consumed": self.stream.batches_consumed})
+    def upgrade(self, loaded: LoadedCheckpoint) -> None:
+        """Read a checkpoint of the earlier flat layout (``model``, ``optimizer``, ``data``, ``config``,
+        ``history``, guards and extras side by side in one payload) as the current one. It holds no RNG streams:
+        the tasks reseed every step from counters, so the continuation is exact all the same. Guard states it
+        lacks (written before the step guard) start fresh, as they did."""
+        p = loaded.payload
+        p.pop("config", None)
+        p["train_state"] = {
+            "step": loaded.step, "samples_seen": loaded.step * self.stream.global_batch_size, "data": p.pop("data"),
+            "finite_guard": p.pop("finite_guard", None) or self.finite.state_dict(),
+            "spike_guard": p.pop("spike_guard", None) or (self.spike.state_dict() if self.spike else {}),
+            "history": {"records": p.pop("history", [])}, "rng": None}
 
-    def try_resume(self) -> bool:
+    def try_resume(self, ckpt: Checkpointer) -> bool:
         """Load the newest valid checkpoint of the output dir, if there is one."""
-        loaded = self.ckpt.load_latest(map_location=self.device)
+        loaded = ckpt.restore(self.progress, self.dist.rank)
         if loaded is None:
             return False
-        p = loaded.payload
-        self.model.load_state_dict(p["model"])
-        self.optimizer.load_state_dict(p["optimizer"])
-        self.load_extra_state(p, loaded.path)
-        self.stream.load_state_dict(p["data"])
-        self.history = list(p.get("history", []))
-        if "finite_guard" in p:  # fine-tuning checkpoints written before the step guard lack them
-            self.finite.load_state_dict(p["finite_guard"])
-        if self.spike is not None and "spike_guard" in p:
-            self.spike.load_state_dict(p["spike_guard"])
-        self.step = loaded.step
         self.log.truncate_after(self.step)
         logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
                     self.stream.epoch, self.stream.batches_consumed, self.stream.batches_per_epoch)
         return True
 
     # ------------------------------------------------------------------------------------------------ loop
-    def run(self) -> int:
+    def run(self, ckpt: Checkpointer) -> int:
         """Train to the last step; 0 when done, or the exit code of a save for a signal (requeue / Ctrl-C)."""
-        timer = StepTimer()
+
+        def step(batch: dict[str, Any]) -> tuple[Verdict, int]:
+            return self.train_step(batch), batch[self.images_key].shape[0] * self.dist.world_size
+
+        def evaluate(_: int, batch: dict[str, Any]) -> None:
+            record = self.evaluate(batch)
+            if record is not None:
+                self.log.write(record)
+                self.history.append(record)
+            self.model.train()
+
         self.model.train()
-        timer.start()
-        while self.step < self.total_steps:
-            for batch in self.stream:
-                timer.data_ready()
-                verdict = self.train_step(batch)
-                timer.step_done(batch[self.images_key].shape[0] * self.dist.world_size)
-                self._log_step(batch, verdict, timer)
-                # Evaluate before the checkpoint of the same step, so a resumed run never skips or repeats one.
-                if self.eval_due(batch):
-                    record = self.evaluate(batch)
-                    if record is not None:
-                        self.log.write(record)
-                        self.history.append(record)
-                    self.model.train()
-                    timer.start()
-                if verdict.stop or self.checkpoint_due(batch):
-                    self.save()
-                    timer.start()
-                if verdict.stop:
-                    code = stop_exit_code(self.guard.preempt)
-                    self.log.write({"event": "interrupted" if code == INTERRUPT_EXIT_CODE else "preempted",
-                                    "step": self.step, "exit_code": code})
-                    return code
-                if self.step >= self.total_steps:
-                    break
-        return 0
+        return run_steps(batches_forever(self.stream), progress=self.progress, total_steps=self.total_steps,
+                         step=step, log_step=self._log_step, checkpointer=ckpt, preempt=self.guard.preempt,
+                         periodic=[Periodic(lambda _, batch: self.eval_due(batch), evaluate)],
+                         on_stop=lambda event, code: self.log.write({"event": event, "step": self.step,
+                                                                     "exit_code": code}))
 
     def _log_step(self, batch: dict[str, Any], verdict: Verdict, timer: StepTimer) -> None:
         loss = verdict.metrics["loss"]
@@ -224,12 +229,13 @@ def run_supervised(device: str, output_dir: Path, resume: bool,
             barrier()
             t0 = time.perf_counter()
             run = build(dist, preempt)
-            resumed = resume and run.try_resume()
+            ckpt = run.checkpointer()
+            resumed = resume and run.try_resume(ckpt)
             if not resumed and dist.is_main:
                 run.log.truncate_after(0)
             logger.info("%s", run.describe())
             try:
-                code = run.run()
+                code = run.run(ckpt)
             finally:
                 run.log.close()
             if code:

@@ -73,7 +73,8 @@ class _Run(SupervisedRun):
 
     def __init__(self, cfg: SegmentConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
         super().__init__(cfg, output_dir, dist, preempt, guards=cfg.guards, keep_last=cfg.train.keep_last,
-                         log_every_steps=cfg.train.log_every_steps)
+                         log_every_steps=cfg.train.log_every_steps,
+                         checkpoint_every_steps=cfg.train.checkpoint_every_steps)
         d = cfg.data
         self.train_pairs = open_pairs(d.train, d.train_split)
         self.val_pairs = open_pairs(d.val, d.val_split) if d.val else None
@@ -119,9 +120,6 @@ class _Run(SupervisedRun):
 
     def eval_due(self, batch: dict[str, Any]) -> bool:
         return is_due(self.step, self.cfg.train.eval_every_steps, total_steps=self.total_steps)
-
-    def checkpoint_due(self, batch: dict[str, Any]) -> bool:
-        return is_due(self.step, self.cfg.train.checkpoint_every_steps, total_steps=self.total_steps)
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any] | None:
         if self.val_pairs is None:

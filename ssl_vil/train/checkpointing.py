@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, capture_rng_state, restore_rng_state
+from ssl_vil.checkpoint import (CheckpointError, CheckpointManager, LoadedCheckpoint, capture_rng_state,
+                                restore_rng_state)
 from ssl_vil.infra.dist import all_gather_object, barrier, is_distributed
 from ssl_vil.infra.timing import is_due
 
@@ -109,6 +110,11 @@ class Checkpointer:
             check(loaded)
         if "train_state" not in loaded.payload and self.upgrade is not None:
             self.upgrade(loaded)
+        missing = [name for name in self.payload if name not in loaded.payload]
+        if missing:
+            raise CheckpointError(f"{loaded.path} holds no {' / '.join(missing)} state, which this run needs "
+                                  f"(it holds {', '.join(sorted(loaded.payload))}): it was written by a run "
+                                  f"configured differently")
         for name, component in self.payload.items():
             component.load_state_dict(loaded.payload[name])
         st = loaded.payload["train_state"]
