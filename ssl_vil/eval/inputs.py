@@ -70,7 +70,7 @@ def read_image_file(path: str | os.PathLike[str], *, index: int, key: str, max_p
     return decode_image(data, url=str(path), record=index, key=key, max_pixels=max_pixels)
 
 
-class _FolderImages(torch.utils.data.Dataset):
+class FolderImages(torch.utils.data.Dataset):
     """(image (3, H, W) or None, label, key, issue or None) for the given indices of an ImageFolder listing;
     key = path relative to the root. A file that does not decode yields None and its :class:`DataIssue`."""
 
@@ -82,19 +82,24 @@ class _FolderImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, DataIssue | None]:
+    def read(self, i: int) -> tuple[Any, int, str, DataIssue | None]:
+        """(decoded PIL image or None, label, key, issue or None) of the ``i``-th listed file."""
         index = self.indices[i]
         path, label = self.samples[index]
         key = str(path.relative_to(self.root))
         try:
-            image = read_image_file(path, index=index, key=key, max_pixels=self.max_pixels)
+            return read_image_file(path, index=index, key=key, max_pixels=self.max_pixels), label, key, None
         except SampleIssue as exc:
             return None, label, key, exc.issue
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str, DataIssue | None]:
+        image, label, key, issue = self.read(i)
+        if image is None:
+            return None, label, key, issue
         try:
-            tensor = self.transform(image)
+            return self.transform(image), label, key, None
         except Exception as exc:
-            raise DataError(f"eval transform failed on {path}: {exc}") from exc
-        return tensor, label, key, None
+            raise DataError(f"eval transform failed on {self.samples[self.indices[i]][0]}: {exc}") from exc
 
 
 def _collate(items: list[tuple[torch.Tensor | None, int, str, DataIssue | None]]) -> dict[str, Any]:
@@ -181,7 +186,7 @@ def _image_folder_source(root: str, transform, batch_size, rank, world_size, num
 
     def make() -> Iterator[dict[str, Any]]:
         loader = torch.utils.data.DataLoader(
-            _FolderImages(Path(root), samples, indices, transform, max_pixels), batch_size=batch_size,
+            FolderImages(Path(root), samples, indices, transform, max_pixels), batch_size=batch_size,
             shuffle=False, num_workers=num_workers, collate_fn=_collate, persistent_workers=False,
         )
         pending = zero_counts()  # issues of batches that lost every sample ride on the next batch, as for shards

@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 from ssl_vil.data.cursor import EpochCursor, ResumableStream
-from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS, SampleIssue
+from ssl_vil.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from ssl_vil.data.error_tally import ErrorTally
 from ssl_vil.data.errors import DataError, DataIssue
 from ssl_vil.data.seeding import make_generator, stable_seed
 from ssl_vil.data.sources import image_folder_classes, image_folder_files
-from ssl_vil.eval.inputs import is_image_folder, read_image_file
+from ssl_vil.eval.inputs import FolderImages, is_image_folder
 
 IMAGEFOLDER_CURSOR_FORMAT = "ssl_vil.evaluation.imagefolder_cursor/1"
 
@@ -59,27 +59,20 @@ class SeededTransform:
 _Item = tuple[torch.Tensor | None, int, str, DataIssue | None]
 
 
-class _EpochSamples(torch.utils.data.Dataset):
+class _EpochSamples(FolderImages):
     """Samples ``positions`` of an ImageFolder listing, transformed with per-sample seeds: (view or None, label,
     key, issue or None); a file that does not decode gives None and its :class:`DataIssue`."""
 
     def __init__(self, root: Path, samples: list[tuple[Path, int]], positions: list[int],
                  transform: SeededTransform, seed: int, epoch: int, max_pixels: int) -> None:
-        self.root, self.samples, self.positions, self.transform = root, samples, positions, transform
-        self.seed, self.epoch, self.max_pixels = seed, epoch, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.positions)
+        super().__init__(root, samples, positions, transform, max_pixels)
+        self.seed, self.epoch = seed, epoch
 
     def __getitem__(self, i: int) -> _Item:
-        index = self.positions[i]
-        path, label = self.samples[index]
-        key = str(path.relative_to(self.root))
-        try:
-            image = read_image_file(path, index=index, key=key, max_pixels=self.max_pixels)
-        except SampleIssue as exc:
-            return None, label, key, exc.issue
-        generator = make_generator(stable_seed(self.seed, "imagefolder-sample", self.epoch, index))
+        image, label, key, issue = self.read(i)
+        if image is None:
+            return None, label, key, issue
+        generator = make_generator(stable_seed(self.seed, "imagefolder-sample", self.epoch, self.indices[i]))
         return self.transform(image, generator), label, key, None
 
 
