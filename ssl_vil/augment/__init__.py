@@ -1,7 +1,8 @@
 """Multi-crop augmentations driven by an explicit per-sample ``torch.Generator``."""
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ssl_vil.infra.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from ssl_vil.augment.digits import DigitsMultiCrop, DigitsMultiCropConfig, DigitsParams, DigitsViewParams
@@ -42,9 +43,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -5,8 +5,9 @@ Importing this package (like any part of ``ssl_vil``) registers the timm models
 imported (see :mod:`ssl_vil`); its names load on first use.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ssl_vil.infra.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from ssl_vil.backbones.mlstm_cell import MLSTM_BACKENDS, mlstm
@@ -73,9 +74,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

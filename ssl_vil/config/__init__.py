@@ -7,10 +7,10 @@ load on first use, and importing a component never has to import the run config 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ssl_vil.config.errors import ConfigError
+from ssl_vil.infra.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from ssl_vil.config.engine import parse_override, read_yaml, to_dict, to_yaml
@@ -31,9 +31,4 @@ __all__ = ["ConfigError", "RunConfig", "diff_configs", "load_config", "parse_ove
            "to_yaml"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

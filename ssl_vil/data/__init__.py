@@ -17,8 +17,9 @@ Interfaces:
 - :func:`resolve_shards`, :func:`read_manifest`; shards are written by ``python -m ssl_vil.data.make_shards``.
 """
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ssl_vil.infra.lazy_exports import lazy_getattr
 
 if TYPE_CHECKING:
     from ssl_vil.data.collate import default_collate_views, stack_views
@@ -94,9 +95,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
