@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.eval.options import (BACKENDS, DEFAULT_CROP_PCT, FEATURE_SPECS, EvalInputsConfig, default_num_workers,
+from ssl_vil.eval.options import (BACKENDS, DEFAULT_CROP_PCT, FEATURE_SPECS, EvalInputsConfig, add_input_arguments,
                                   refuse_pipe_urls)
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 
@@ -46,18 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="k-NN evaluation of a pretrained ViL backbone",
                                 formatter_class=HelpFormatter)
     add_version(p)
-    p.add_argument("--weights", required=True,
-                   help="run dir | checkpoint folder | exported .safetensors | weights file | "
+    add_input_arguments(p, weights_help="run dir | checkpoint folder | exported .safetensors | weights file | "
                         "random:RECIPE.yaml|RUN|MODEL_NAME (random-init baseline) | "
-                        "pixels:RECIPE.yaml|RUN|MODEL_NAME (raw-pixel baseline at that model's input)")
-    p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
+                        "pixels:RECIPE.yaml|RUN|MODEL_NAME (raw-pixel baseline at that model's input)",
+                        batch_size=256, batch_help="feature-extraction batch per process", results_file=RESULTS_FILE)
     p.add_argument("--init-seed", type=int, default=0, help="torch seed of a --weights random:... init")
-    p.add_argument("--train-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
-    p.add_argument("--val-data", required=True, help="shard dir / glob / URL, or ImageFolder directory")
-    p.add_argument("--train-split", default=None,
-                   help="split name when --train-data holds several (default: 'train' if present)")
-    p.add_argument("--val-split", default=None,
-                   help="split name when --val-data holds several (default: 'val' if present)")
     p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts")
     p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
     p.add_argument("--features", choices=FEATURE_SPECS, default=None,
@@ -66,15 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
                         'on (avg for a run with objective.pooling=avg, else cls), as the in-training k-NN monitor')
     p.add_argument("--backend", choices=BACKENDS, default="torch")
     p.add_argument("--faiss-fp16", action="store_true", help="faiss GPU index in float16")
-    p.add_argument("--batch-size", type=int, default=256, help="feature-extraction batch per process")
-    p.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="loader workers per process (default: 4, at most the CPU cores)")
-    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretraining size")
-    p.add_argument("--crop-pct", type=float, default=None,
-                   help="center-crop fraction (resize = img_size / crop_pct); "
-                        f"default: model info or {DEFAULT_CROP_PCT}")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--output-dir", default=None, help=f"writes {RESULTS_FILE} there (rank 0)")
     return p
 
 

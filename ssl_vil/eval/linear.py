@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssl_vil.config import engine
 from ssl_vil.config.errors import invalid
-from ssl_vil.eval.options import (DEFAULT_CROP_PCT, DEFAULT_LRS, EvalInputsConfig, default_num_workers,
-                                  refuse_pipe_urls)
+from ssl_vil.eval.options import DEFAULT_CROP_PCT, DEFAULT_LRS, EvalInputsConfig, add_input_arguments, refuse_pipe_urls
 from ssl_vil.infra.cli_errors import HelpFormatter, add_version, user_errors
 
 if TYPE_CHECKING:  # the work's modules (torch, torchvision, timm) load when an evaluation runs, not for --help
@@ -46,31 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Linear-probe grid of a pretrained ViL backbone",
                                 formatter_class=HelpFormatter)
     add_version(p)
-    p.add_argument("--weights", required=True,
-                   help="run dir | checkpoint folder | exported .safetensors | weights file")
-    p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
-    p.add_argument("--train-data", required=True)
-    p.add_argument("--val-data", required=True)
-    p.add_argument("--train-split", default=None)
-    p.add_argument("--val-split", default=None)
+    add_input_arguments(p, weights_help="run dir | checkpoint folder | exported .safetensors | weights file",
+                        batch_size=128, batch_help="per process", results_file=RESULTS_FILE)
     p.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_LRS),
                    help="base lrs (scaled by global batch / 256)")
     p.add_argument("--block-counts", type=int, nargs="+", default=[1, 4], help="last-n block pairs per head")
     duration = p.add_mutually_exclusive_group()
     duration.add_argument("--train-epochs", type=float, default=None, help="epochs over the train part (default 10)")
     duration.add_argument("--train-steps", type=int, default=None, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--heldout-fraction", type=float, default=0.1)
     p.add_argument("--precompute-features", action="store_true",
                    help="train on un-augmented features extracted once (fast on CPU) instead of augmented images")
-    p.add_argument("--num-workers", type=int, default=default_num_workers(),
-                   help="loader workers per process (default: 4, at most the CPU cores)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--crop-pct", type=float, default=None,
-                   help=f"eval center-crop fraction (default {DEFAULT_CROP_PCT})")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--output-dir", default=None)
     return p
 
 

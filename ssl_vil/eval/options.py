@@ -7,6 +7,7 @@ The modules doing the work re-export them (``ssl_vil.eval.inputs.EvalInputsConfi
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -68,3 +69,28 @@ def default_num_workers() -> int:
     except AttributeError:  # no sched_getaffinity (macOS)
         cores = os.cpu_count() or 1
     return max(1, min(4, cores))
+
+
+def add_input_arguments(p: argparse.ArgumentParser, *, weights_help: str, batch_size: int, batch_help: str,
+                        results_file: str) -> None:
+    """The flags of :class:`EvalInputsConfig`, declared once for every evaluation CLI (same names, defaults and
+    help): the weights, the train/val data and splits, batch size, loader workers, image size, crop, device and
+    output dir."""
+    data_help = "shard dir / glob / URL, or ImageFolder directory"
+    p.add_argument("--weights", required=True, help=weights_help)
+    p.add_argument("--model", default=None, help="timm model name (only for weights files without model.json)")
+    p.add_argument("--train-data", required=True, help=data_help)
+    p.add_argument("--val-data", required=True, help=data_help)
+    p.add_argument("--train-split", default=None,
+                   help="split name when --train-data holds several (default: 'train' if present)")
+    p.add_argument("--val-split", default=None,
+                   help="split name when --val-data holds several (default: 'val' if present)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    p.add_argument("--num-workers", type=int, default=default_num_workers(),
+                   help="loader workers per process (default: 4, at most the CPU cores)")
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's pretraining size")
+    p.add_argument("--crop-pct", type=float, default=None,
+                   help="center-crop fraction (resize = img_size / crop_pct); "
+                        f"default: model info or {DEFAULT_CROP_PCT}")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--output-dir", default=None, help=f"writes {results_file} there (rank 0)")
