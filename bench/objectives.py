@@ -2,7 +2,7 @@
 
     python bench/objectives.py [--repeats 5] [--threads 2]
 
-1. Masks for 128 global crops on a 14x14 grid (DINOv2 stratified block masks): ``ssl_vil.masking.sample_masks``
+1. Masks for 128 global crops on a 14x14 grid (DINOv2 stratified block masks): ``ssl_vil.objectives.masking.sample_masks``
    + static index buffers vs ``lightly.models.utils.random_block_mask``.
 2. Multi-crop augmentation of one 320x256 RGB image into 2x224 + 8x96 views: ``build_multicrop("dino")`` vs
    lightly ``DINOTransform(n_local_views=8)`` (same probabilities and jitter magnitudes).
@@ -26,7 +26,7 @@ from PIL import Image
 
 from ssl_vil.augment import build_multicrop
 from ssl_vil.losses import EMACenter, centered_teacher_probs, dino_cross_entropy
-from ssl_vil.masking import BlockMaskGenerator, mask_index_buffers, sample_masks
+from ssl_vil.objectives.masking import BlockMaskGenerator, mask_index_buffers, sample_masks
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

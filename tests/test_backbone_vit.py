@@ -19,7 +19,7 @@ from ssl_vil.backbones.pooling import pool_tokens, token_layout
 from ssl_vil.backbones.vit_adapter import MaskedViT, create_vit_backbone, timm_state_dict
 from ssl_vil.config import ConfigError, load_config
 from ssl_vil.export import architecture_kwargs, backbone_kwargs
-from ssl_vil.masking import MultiCropMaskCollate
+from ssl_vil.objectives.masking import MultiCropMaskCollate
 from ssl_vil.train.build import build_backbone, build_optimizer, build_ssl_objective
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)

@@ -102,7 +102,7 @@ def test_run_config_sections_are_the_component_classes():
     from ssl_vil.augment import AugmentConfig
     from ssl_vil.checkpoint.config import CheckpointConfig
     from ssl_vil.heads import DINOHeadConfig
-    from ssl_vil.masking import MaskingConfig
+    from ssl_vil.objectives.masking import MaskingConfig
     from ssl_vil.objectives import ObjectiveConfig
     from ssl_vil.schedules import ScheduleConfig
     from ssl_vil.train.config import GuardConfig, KnnMonitorConfig

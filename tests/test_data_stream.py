@@ -262,7 +262,7 @@ def _batch_tensors(batch):
 def test_stacked_worker_parts_give_the_per_sample_batches(shard_dir):
     """With workers, the mask collate concatenates the workers' stacked parts (collate_stacked); with 0 workers it
     collates sample by sample. Both give the same batches, bit for bit, including for B not divisible by W."""
-    from ssl_vil.masking import MultiCropMaskCollate
+    from ssl_vil.objectives.masking import MultiCropMaskCollate
 
     def batches(workers):
         collate = MultiCropMaskCollate((3, 3), n_global=1, n_local=1, mask_probability=1.0)
@@ -290,7 +290,7 @@ def test_stacked_worker_parts_give_the_per_sample_batches(shard_dir):
 
 def test_collate_stacked_equals_per_sample_and_refers_misfits_to_it():
     from ssl_vil.data.collate import StackedSamples
-    from ssl_vil.masking import MultiCropMaskCollate
+    from ssl_vil.objectives.masking import MultiCropMaskCollate
 
     g = torch.Generator().manual_seed(0)
     sizes = [2, 3]  # two parts, samples in order

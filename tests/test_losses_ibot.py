@@ -10,7 +10,7 @@ import torch
 from lightly.loss import IBOTPatchLoss
 
 from ssl_vil.losses import centered_teacher_probs, ibot_patch_loss
-from ssl_vil.masking import mask_index_buffers
+from ssl_vil.objectives.masking import mask_index_buffers
 
 
 def naive_ibot_loss(student_tokens, teacher_tokens, masks, center, t_s, t_t):

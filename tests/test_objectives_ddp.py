@@ -19,7 +19,7 @@ def _worker(rank: int, world: int, out_dir: str) -> None:
 
         import ssl_vil  # noqa: F401
         from ssl_vil.heads import DINOHeadConfig
-        from ssl_vil.masking import MultiCropMaskCollate
+        from ssl_vil.objectives.masking import MultiCropMaskCollate
 
         # A different initialisation on each rank, as a trainer seeding per rank would produce: DDP makes the
         # students equal, wrap_student must make the teachers (copies of each rank's own student) follow.

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ssl_vil.config import ConfigError
-from ssl_vil.masking import (
+from ssl_vil.objectives.masking import (
     BlockMaskGenerator,
     MaskingConfig,
     MultiCropMaskCollate,

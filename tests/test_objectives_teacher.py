@@ -10,7 +10,7 @@ from torch import nn
 import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.heads import DINOHead, DINOHeadConfig
 from ssl_vil.objectives import SSLNetwork
-from ssl_vil.teacher import assert_disjoint_storage, ema_update, make_teacher
+from ssl_vil.objectives.teacher import assert_disjoint_storage, ema_update, make_teacher
 
 
 def _student(seed=0) -> SSLNetwork:

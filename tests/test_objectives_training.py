@@ -13,7 +13,7 @@ from PIL import Image
 import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.augment import build_multicrop
 from ssl_vil.heads import DINOHeadConfig
-from ssl_vil.masking import MultiCropMaskCollate
+from ssl_vil.objectives.masking import MultiCropMaskCollate
 from ssl_vil.config import ConfigError, load_config
 from ssl_vil.objectives import ObjectiveConfig, build_objective
 from ssl_vil.schedules import apply_schedules, build_param_groups

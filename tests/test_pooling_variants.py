@@ -14,7 +14,7 @@ import ssl_vil  # noqa: F401  (registers the ViL models)
 from ssl_vil.backbones.pooling import patch_tokens, pool_tokens, pooled_dim, token_layout
 from ssl_vil.config import load_config
 from ssl_vil.export import backbone_kwargs, model_info
-from ssl_vil.masking import MultiCropMaskCollate
+from ssl_vil.objectives.masking import MultiCropMaskCollate
 from ssl_vil.train.build import build_ssl_objective
 
 SMALL = dict(img_size=32, patch_size=4, dim=32, depth=1, num_classes=0)

@@ -162,7 +162,7 @@ def _ema_and_clip_worker(rank: int, out_dir: str) -> None:
         import ssl_vil  # noqa: F401
         from ssl_vil.heads import DINOHeadConfig
         from ssl_vil.objectives import ObjectiveConfig, build_objective
-        from ssl_vil.teacher import ema_update
+        from ssl_vil.objectives.teacher import ema_update
         from ssl_vil.train.fsdp import shard_objective
         from ssl_vil.train.step import clip_per_submodule
 

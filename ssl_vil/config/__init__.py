@@ -1,6 +1,6 @@
 """Typed configs: one engine (:mod:`ssl_vil.config.engine`) and the pretraining run config built on it.
 
-The run config composes the components' own config classes (``ssl_vil.objectives``, ``ssl_vil.masking``, ...),
+The run config composes the components' own config classes (``ssl_vil.objectives``, ``ssl_vil.objectives.masking``, ...),
 and those import :mod:`ssl_vil.config.engine` and :mod:`ssl_vil.config.errors`; so the run-specific names below
 load on first use, and importing a component never has to import the run config first.
 """

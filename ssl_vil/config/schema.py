@@ -5,7 +5,7 @@ section is the config class of the component that reads it:
 
     model        ModelConfig (here; the timm constructor arguments of the backbone)
     objective    ssl_vil.objectives.self_distillation.ObjectiveConfig (heads: ssl_vil.heads.DINOHeadConfig)
-    masking      ssl_vil.masking.MaskingConfig
+    masking      ssl_vil.objectives.masking.MaskingConfig
     data         DataConfig (here; the shard stream), data.augment: ssl_vil.augment.presets.AugmentConfig
     optim        OptimConfig (here; AdamW and the values its schedules move between)
     schedule     ssl_vil.schedules.ScheduleConfig
@@ -33,7 +33,7 @@ from ssl_vil.backbones.pooling import pooled_dim
 from ssl_vil.checkpoint.config import CheckpointConfig
 from ssl_vil.config.engine import Config
 from ssl_vil.config.errors import ConfigError, invalid
-from ssl_vil.masking import MaskingConfig
+from ssl_vil.objectives.masking import MaskingConfig
 from ssl_vil.objectives.self_distillation import ObjectiveConfig
 from ssl_vil.schedules import ScheduleConfig
 from ssl_vil.train.config import GuardConfig, KnnMonitorConfig

@@ -40,7 +40,7 @@ from ssl_vil.losses import (
 )
 from ssl_vil.infra.dist import is_distributed
 from ssl_vil.objectives.network import SSLNetwork
-from ssl_vil.teacher import ema_update, make_teacher
+from ssl_vil.objectives.teacher import ema_update, make_teacher
 
 Centering = Literal["ema", "sinkhorn_knopp"]
 # auto: the backbone's default. ViL: bilateral_concat (default), bilateral_avg, avg, middle_patch (= middle),
@@ -242,7 +242,7 @@ class SelfDistillationObjective(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Any], *, teacher_temp: float) -> dict[str, Tensor]:
-        """Loss and diagnostics of one (micro-)batch from ``ssl_vil.masking.MultiCropMaskCollate``.
+        """Loss and diagnostics of one (micro-)batch from ``ssl_vil.objectives.masking.MultiCropMaskCollate``.
 
         Returns scalar tensors: ``loss`` (weighted total), ``dino``, ``ibot``, ``koleo`` (unweighted; 0 when
         off), ``teacher_entropy`` (mean entropy of the DINO teacher targets, nats), ``teacher_entropy_ratio``

@@ -14,7 +14,7 @@ from ssl_vil.data.errors import DataConfigError
 from ssl_vil.data.shardlist import ShardSet, load_shard_sizes
 from ssl_vil.data.train_stream import TrainStream, resolve_train_data
 from ssl_vil.infra.dist import DistInfo
-from ssl_vil.masking import MultiCropMaskCollate
+from ssl_vil.objectives.masking import MultiCropMaskCollate
 
 
 def build_stream(cfg: RunConfig, dist: DistInfo) -> TrainStream:

@@ -4,7 +4,7 @@
 then the backbone itself (patch and position embedding, mask token, final norm; its ``forward_features`` is
 registered as an FSDP forward, since that is what the network and the k-NN monitor call), each head, and the
 network as the root. Student and teacher are sharded by the same plan on one 1-D mesh over all ranks: shard i of
-a teacher parameter sits beside shard i of the student parameter, so the EMA (:func:`ssl_vil.teacher.ema_update`)
+a teacher parameter sits beside shard i of the student parameter, so the EMA (:func:`ssl_vil.objectives.teacher.ema_update`)
 runs on local shards without any communication. The root holds no parameters of its own: FSDP2 keeps a root's
 parameters unsharded after its forward (the backward would gather them again), which would leave the teacher --
 which has no backward -- with full root parameters beside a sharded student.
