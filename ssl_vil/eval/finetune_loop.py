@@ -5,7 +5,6 @@ evaluate, write ``OUT/results_finetune.json``. See :mod:`ssl_vil.eval.finetune_s
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,7 @@ from ssl_vil.eval.finetune_config import FinetuneConfig
 from ssl_vil.eval.inputs import default_split
 from ssl_vil.eval.supervised_run import SupervisedRun, run_supervised
 from ssl_vil.eval.train_inputs import open_train_stream, source_classes
-from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo
-from ssl_vil.infra.files import write_json_atomic
 from ssl_vil.infra.precision import autocast
 from ssl_vil.infra.timing import is_due
 from ssl_vil.train.preemption import PreemptionFlag
@@ -170,31 +167,16 @@ def run_finetune(cfg: FinetuneConfig, output_dir: str | Path, *, resume: bool = 
     """
     out = Path(output_dir)
     return run_supervised(cfg.train.device, out, resume, lambda dist, preempt: _Run(cfg, out, dist, preempt),
-                          lambda run, resumed, t0: _results(cfg, out, run, resumed, t0))
+                          lambda run, resumed, t0: _results(cfg, run, resumed, t0))
 
 
-def _results(cfg: FinetuneConfig, output_dir: Path, run: _Run, resumed: bool, t0: float) -> dict[str, Any]:
-    dist = run.dist
-    evals = [h for h in run.history if h.get("event") == "eval"]
-    final = evals[-1] if evals else None
-    source = run.info.get("source") or cfg.model.weights
-    results: dict[str, Any] = {
-        "protocol": "finetune",
-        "weights": cfg.model.weights,
-        "weights_sha256": weights_sha256(source) if source else None,
-        "model": run.info["model"], "model_kwargs": run.info.get("kwargs", {}),
-        "num_classes": run.num_classes, "classes": list(run.classes), "img_size": run.img_size,
-        "steps": run.step, "train_epochs": cfg.schedule.train_epochs, "steps_per_epoch": run.steps_per_epoch,
-        "global_batch_size": run.stream.global_batch_size,
-        "samples_seen": run.step * run.stream.global_batch_size,
-        "peak_lr": run.lr, "world_size": dist.world_size, "device": str(dist.device), "resumed": resumed,
-        "final": final, "best_top1": max((h["top1"] for h in evals), default=None),
-        "evals": evals, "config": cfg.to_dict(), "elapsed_s": time.perf_counter() - t0,
-    }
-    if dist.is_main:
-        write_json_atomic(output_dir / ft.RESULTS_FILE, results)
-        summary = (f"fine-tune {run.info['model']}: {run.step} steps" + (
+def _results(cfg: FinetuneConfig, run: _Run, resumed: bool, t0: float) -> dict[str, Any]:
+    results = run.write_results("finetune", ft.RESULTS_FILE, resumed, t0, best="top1", num_classes=run.num_classes,
+                                classes=list(run.classes), img_size=run.img_size,
+                                train_epochs=cfg.schedule.train_epochs, steps_per_epoch=run.steps_per_epoch)
+    final = results["final"]
+    if run.dist.is_main:
+        print(f"fine-tune {run.info['model']}: {run.step} steps" + (
             f", val top1 {final['top1']:.2f} top5 {final['top5']:.2f}" if final else ", no val data") + (
-            f", EMA top1 {final['ema_top1']:.2f}" if final and "ema_top1" in final else ""))
-        print(summary, flush=True)
+            f", EMA top1 {final['ema_top1']:.2f}" if final and "ema_top1" in final else ""), flush=True)
     return results

@@ -28,8 +28,9 @@ from torch import nn
 
 from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, config_hash
 from ssl_vil.eval.reporting import setup_logging
+from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo, barrier, process_group
-from ssl_vil.infra.files import JsonlLog
+from ssl_vil.infra.files import JsonlLog, write_json_atomic
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
 from ssl_vil.train.checkpointing import Checkpointer, Progress, Stateful
 from ssl_vil.train.config import StepGuardConfig
@@ -164,6 +165,29 @@ class SupervisedRun:
         logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
                     self.stream.epoch, self.stream.batches_consumed, self.stream.batches_per_epoch)
         return True
+
+    # --------------------------------------------------------------------------------------------- results
+    def write_results(self, protocol: str, file: str, resumed: bool, t0: float, *, best: str,
+                      **task: Any) -> dict[str, Any]:
+        """The results record of the run, written to ``OUT/file`` by rank 0: what was trained (weights, their
+        hash, the model), how (steps, samples, global batch, peak lr, world size, device, resumed), every
+        evaluation, the best ``best`` value among them, the config and the time since ``t0``; ``task`` adds the
+        task's own fields. Needs ``self.info`` (the model info) and ``self.lr`` (the peak lr)."""
+        evals = [h for h in self.history if h.get("event") == "eval"]
+        weights = self.cfg.model.weights
+        source = self.info.get("source") or weights
+        results: dict[str, Any] = {
+            "protocol": protocol, "weights": weights, "weights_sha256": weights_sha256(source) if source else None,
+            "model": self.info["model"], "model_kwargs": self.info.get("kwargs", {}), **task,
+            "steps": self.step, "samples_seen": self.progress.samples_seen,
+            "global_batch_size": self.stream.global_batch_size, "peak_lr": self.lr,
+            "world_size": self.dist.world_size, "device": str(self.dist.device), "resumed": resumed,
+            "final": evals[-1] if evals else None,
+            f"best_{best}": max((h[best] for h in evals if h[best] is not None), default=None),
+            "evals": evals, "config": self.cfg.to_dict(), "elapsed_s": time.perf_counter() - t0}
+        if self.dist.is_main:
+            write_json_atomic(self.out / file, results)
+        return results
 
     # ------------------------------------------------------------------------------------------------ loop
     def run(self, ckpt: Checkpointer) -> int:

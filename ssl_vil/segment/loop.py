@@ -10,7 +10,6 @@ drop path) reseeded from ``(seed, step, rank)`` before each step, so a run kille
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,7 @@ from torch import nn
 from ssl_vil.data.errors import DataConfigError
 from ssl_vil.eval import finetune_setup as ft
 from ssl_vil.eval.supervised_run import SupervisedRun, run_supervised
-from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo
-from ssl_vil.infra.files import write_json_atomic
 from ssl_vil.infra.precision import autocast
 from ssl_vil.infra.timing import is_due
 from ssl_vil.segment import inference
@@ -186,26 +183,14 @@ def run_segment(cfg: SegmentConfig, output_dir: str | Path, *, resume: bool = Tr
     """
     out = Path(output_dir)
     return run_supervised(cfg.train.device, out, resume, lambda dist, preempt: _Run(cfg, out, dist, preempt),
-                          lambda run, resumed, t0: _results(cfg, out, run, resumed, t0))
+                          lambda run, resumed, t0: _results(cfg, run, resumed, t0))
 
 
-def _results(cfg: SegmentConfig, output_dir: Path, run: _Run, resumed: bool, t0: float) -> dict[str, Any]:
-    dist = run.dist
-    evals = [h for h in run.history if h.get("event") == "eval"]
-    final = evals[-1] if evals else None
-    source = run.info.get("source") or cfg.model.weights
-    results: dict[str, Any] = {
-        "protocol": "segment", "weights": cfg.model.weights,
-        "weights_sha256": weights_sha256(source) if source else None,
-        "model": run.info["model"], "model_kwargs": run.info.get("kwargs", {}), "decoder": cfg.model.decoder,
-        "classes": run.classes, "steps": run.step, "global_batch_size": run.stream.global_batch_size,
-        "crop_size": cfg.data.crop_size, "eval_mode": cfg.data.eval_mode, "peak_lr": run.lr,
-        "world_size": dist.world_size, "device": str(dist.device), "resumed": resumed,
-        "final": final, "best_miou": max((h["miou"] for h in evals if h["miou"] is not None), default=None),
-        "evals": evals, "config": cfg.to_dict(), "elapsed_s": time.perf_counter() - t0,
-    }
-    if dist.is_main:
-        write_json_atomic(output_dir / RESULTS_FILE, results)
+def _results(cfg: SegmentConfig, run: _Run, resumed: bool, t0: float) -> dict[str, Any]:
+    results = run.write_results("segment", RESULTS_FILE, resumed, t0, best="miou", decoder=cfg.model.decoder,
+                                classes=run.classes, crop_size=cfg.data.crop_size, eval_mode=cfg.data.eval_mode)
+    final = results["final"]
+    if run.dist.is_main:
         init = f"weights {cfg.model.weights}" if cfg.model.weights else "random init"
         print(f"segment {run.info['model']} ({init}): {run.step} steps" + (
             f", val mIoU {final['miou']:.2f} pixel acc {final['pixel_acc']:.2f}" if final else ", no val data"),
