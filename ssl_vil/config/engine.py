@@ -22,7 +22,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -341,14 +341,18 @@ def to_yaml(cfg: Any) -> str:
 
 
 def load(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), *,
-         drop: Iterable[str] = (), moved: Mapping[str, str] | None = None) -> T:
+         drop: Iterable[str] = (), moved: Mapping[str, str] | None = None,
+         prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> T:
     """``cls`` defaults <- YAML file at ``path`` <- ``key.sub=value`` overrides, built and validated.
 
     Top-level keys in ``drop`` are removed from the merged input first (e.g. a resolved ``derived`` section,
-    recomputed by the caller) and never suggested for a misspelt key.
+    recomputed by the caller) and never suggested for a misspelt key. ``prepare`` rewrites the file's mapping
+    before the overrides apply (e.g. a config recorded by an earlier version, upgraded).
     """
     drop = tuple(drop)
     data = read_yaml(path) if path is not None else {}
+    if prepare is not None:
+        data = prepare(data)
     over = overrides_to_dict(overrides)
     data = merge(_without_replaced_units(data, over), over)
     for key in drop:

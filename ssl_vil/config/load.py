@@ -7,6 +7,7 @@ section once (world size, per-rank batch, peak lr, durations in steps); the trai
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 from ssl_vil.config import engine
 from ssl_vil.config.errors import ConfigError, invalid
 from ssl_vil.config.schema import DataConfig, DerivedConfig, RunConfig
+from ssl_vil.config.upgrade import upgrade_record
 from ssl_vil.schedules import scale_lr
+
+log = logging.getLogger("ssl_vil.config")
 
 # Keys that may differ when an existing run dir is resumed: where the data lives, how long the run is (to extend
 # it), cadence of logging / checkpoints / the k-NN monitor, and process settings. Everything else decides what is
@@ -105,7 +109,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     ``world_size`` defaults to the ``WORLD_SIZE`` environment variable (1 when unset). A ``derived`` section in
     the YAML (from a run's config.yaml) is ignored and recomputed.
     """
-    cfg = engine.load(RunConfig, path, overrides or [], drop=("derived",), moved=MOVED_KEYS)
+    cfg = engine.load(RunConfig, path, overrides or [], drop=("derived",), moved=MOVED_KEYS, prepare=_if_recorded)
     if world_size is None:
         raw = os.environ.get("WORLD_SIZE", "1")
         try:
@@ -137,12 +141,37 @@ def describe_resume_mutable_keys(keys: tuple[str, ...] = RESUME_MUTABLE_KEYS) ->
 
 
 def config_from_record(record: Mapping[str, Any]) -> RunConfig:
-    """A run config rebuilt from the resolved dict a checkpoint recorded (``derived`` is dropped, not resolved).
+    """A run config rebuilt from the resolved dict a run recorded (``derived`` is dropped, not resolved); a record
+    of an earlier version of ssl_vil is upgraded first (:mod:`ssl_vil.config.upgrade`).
 
     Raises :class:`ConfigError` when the record does not fit this version of the schema.
     """
-    data = {k: v for k, v in record.items() if k != "derived"}
+    data = _upgraded(record)
+    data.pop("derived", None)
     return engine.build(RunConfig, data, moved=MOVED_KEYS, internal=("derived",))
+
+
+def _upgraded(record: Mapping[str, Any]) -> dict[str, Any]:
+    data, notes = upgrade_record(record)
+    if notes:
+        log.info("config recorded by an earlier version of ssl_vil, read as: %s", "; ".join(notes))
+    return data
+
+
+def _if_recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """A YAML with a ``derived`` section is a config a run wrote (``RUN/config.yaml``): it is upgraded from an
+    earlier version's layout like any run record; a recipe is taken as written."""
+    return _upgraded(data) if "derived" in data else data
+
+
+def load_run_config(path: str | Path, *, world_size: int = 1) -> RunConfig:
+    """The config a run wrote (``RUN/config.yaml``), by this or an earlier version of ssl_vil, resolved for
+    ``world_size`` processes."""
+    record = engine.read_yaml(path)
+    try:
+        return resolve(config_from_record(record), world_size=world_size)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def to_yaml(cfg: RunConfig) -> str:
