@@ -173,6 +173,12 @@ def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
     assert res["final"]["top1"] > 20.0, res["final"]
     assert (tmp_path / "checkpoints" / "step_00000020").is_dir()
     assert (tmp_path / ft.RESULTS_FILE).is_file()
+    # TensorBoard through the pretraining trainer's scalar board: every step's loss, the evaluation.
+    from test_guards_metrics_log import tb_scalars
+
+    assert tb_scalars(tmp_path, "loss/")["loss/loss"] == [(step, pytest.approx(loss)) for step, loss in
+                                                          enumerate(losses, start=1)]
+    assert tb_scalars(tmp_path, "eval/")["eval/top1"] == [(20, pytest.approx(res["final"]["top1"]))]
 
 
 def _ft_command(shards: Path, out: Path) -> list[str]:
@@ -235,6 +241,11 @@ def test_resume_after_sigkill_and_preemption_continues_exactly(digits_shards, tm
     run_state = torch.load(run_dir / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
     assert ref_state.keys() == run_state.keys()
     assert all(torch.equal(ref_state[k], run_state[k]) for k in ref_state)
+    # TensorBoard, too, shows each step once, with the uninterrupted run's values.
+    from test_guards_metrics_log import tb_scalars
+
+    assert tb_scalars(run_dir, "loss/") == tb_scalars(ref_dir, "loss/")
+    assert [step for step, _ in tb_scalars(run_dir, "loss/")["loss/loss"]] == list(range(1, 21))
 
 
 @pytest.mark.slow

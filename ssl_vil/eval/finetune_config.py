@@ -101,6 +101,7 @@ class FtTrain(Config):
     keep_last: int = 2
     eval_every_epochs: int = 1
     log_every_steps: int = 20
+    tensorboard: bool = True  # RUN/tb: loss, lr, grad norm, throughput per step; the evaluations
 
 
 @dataclass(kw_only=True, slots=True)

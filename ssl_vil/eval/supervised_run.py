@@ -37,6 +37,7 @@ from ssl_vil.train.config import StepGuardConfig
 from ssl_vil.train.data import batches_forever
 from ssl_vil.train.guards import FiniteGuard, SpikeGuard
 from ssl_vil.train.preemption import PreemptionFlag
+from ssl_vil.train.scalar_board import ScalarBoard
 from ssl_vil.train.step_guard import StepGuard, Verdict
 from ssl_vil.train.step_loop import Periodic, run_steps
 
@@ -69,7 +70,8 @@ class SupervisedRun:
     images_key: str = "images"  # the batch entry whose first dimension counts the images of a step
 
     def __init__(self, cfg: Any, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag, *,
-                 guards: StepGuardConfig, keep_last: int, log_every_steps: int, checkpoint_every_steps: int) -> None:
+                 guards: StepGuardConfig, keep_last: int, log_every_steps: int, checkpoint_every_steps: int,
+                 tensorboard: bool) -> None:
         self.cfg, self.out, self.dist, self.device = cfg, output_dir, dist, dist.device
         self.log_every_steps, self.checkpoint_every_steps = log_every_steps, checkpoint_every_steps
         # The pretraining trainer's step guard: one collective per step decides skip (non-finite, spike) / stop.
@@ -83,6 +85,8 @@ class SupervisedRun:
                                          barrier=barrier if dist.world_size > 1 else None)
         # One record per optimizer step plus events (rank 0); cut back to the checkpoint's step on resume.
         self.log = JsonlLog(output_dir / TRAIN_LOG, enabled=dist.is_main)
+        # The same TensorBoard scalars component as pretraining's metrics logger (RUN/tb).
+        self.board = ScalarBoard(output_dir, enabled=dist.is_main and tensorboard)
         self.progress = Progress()
         self.history = History()
 
@@ -162,6 +166,7 @@ class SupervisedRun:
         if loaded is None:
             return False
         self.log.truncate_after(self.step)
+        self.board.purge_after(self.step)
         logger.info("resumed from %s: step %d, epoch %d, batch %d of %d", loaded.path, self.step,
                     self.stream.epoch, self.stream.batches_consumed, self.stream.batches_per_epoch)
         return True
@@ -200,6 +205,7 @@ class SupervisedRun:
             record = self.evaluate(batch)
             if record is not None:
                 self.log.write(record)
+                self.board.add({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch") and not k.startswith("n_")}, self.step)
                 self.history.append(record)
             self.model.train()
 
@@ -220,8 +226,12 @@ class SupervisedRun:
                             "nonfinite": float(verdict.skip_nonfinite), "spike": float(verdict.skip_spike)})
             logger.warning("step %d skipped (%s)", self.step,
                            "non-finite loss or gradients" if verdict.skip_nonfinite else "loss spike")
+        self.board.add({"loss/loss": loss, "schedule/lr": lr, "diag/grad_norm": verdict.metrics["grad_norm"]},
+                       self.step)
         if is_due(self.step, self.log_every_steps, total_steps=self.total_steps):
             timing = timer.pop_window()
+            self.board.add({"perf/img_per_s": timing.img_per_s, "perf/data_wait_fraction": timing.data_wait_fraction},
+                           self.step)
             logger.info("step %d/%d (epoch %d) loss %.4f lr %.3g %.1f img/s data-wait %.0f%% ETA %s", self.step,
                         self.total_steps, batch["epoch"] + 1, loss, lr, timing.img_per_s,
                         100 * timing.data_wait_fraction, format_duration(timing.eta_s(self.total_steps - self.step)))
@@ -257,11 +267,13 @@ def run_supervised(device: str, output_dir: Path, resume: bool,
             resumed = resume and run.try_resume(ckpt)
             if not resumed and dist.is_main:
                 run.log.truncate_after(0)
+                run.board.purge_after(0)
             logger.info("%s", run.describe())
             try:
                 code = run.run(ckpt)
             finally:
                 run.log.close()
+                run.board.close()
             if code:
                 barrier()
                 return code

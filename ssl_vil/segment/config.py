@@ -80,6 +80,7 @@ class SegTrain(Config):
     keep_last: int = 2
     eval_every_steps: int = 16_000  # and after the last step
     log_every_steps: int = 50
+    tensorboard: bool = True  # RUN/tb: loss, lr, grad norm, throughput per step; the evaluations
 
 
 @dataclass(kw_only=True, slots=True)

@@ -37,9 +37,9 @@ import torch
 
 from ssl_vil.infra.files import JsonlLog
 from ssl_vil.infra.timing import StepTiming, format_duration, is_due
+from ssl_vil.train.scalar_board import ScalarBoard
 
 METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
 ENTROPY_RATIO_KEY = "teacher_entropy_ratio"
 TOTAL_LOSS_KEY = "loss"
 KNN_EVENT = "knn"
@@ -131,8 +131,7 @@ class MetricsLogger:
         self.total_steps = total_steps
         self.tensorboard = tensorboard
         self.path = self.run_dir / METRICS_FILE
-        self._tb = None
-        self._tb_purge_step: int | None = start_step + 1 if start_step > 0 else None
+        self._board = ScalarBoard(self.run_dir, enabled=rank == 0 and tensorboard, start_step=start_step)
         self._bar = None
         self._log = JsonlLog(self.path, resume_step=start_step, enabled=rank == 0, default=_json_default)
         if rank != 0:
@@ -240,25 +239,14 @@ class MetricsLogger:
         if not self.active:
             return 0
         dropped = self._log.truncate_after(step)
-        # TensorBoard keeps its own files: ask the next writer to hide events after `step`.
-        self._tb_purge_step = step + 1
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._board.purge_after(step)  # TensorBoard keeps its own files
         return dropped
 
     def _write(self, record: Mapping[str, Any]) -> None:
         self._log.write(record)
 
     def _add_scalars(self, tags: Mapping[str, float], step: int) -> None:
-        if not self.tensorboard or not tags:
-            return
-        if self._tb is None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 with TensorBoard pays
-
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=self._tb_purge_step)
-        for tag, value in tags.items():
-            self._tb.add_scalar(tag, value, global_step=step)
+        self._board.add(tags, step)
 
     def _write_tensorboard(self, record: Mapping[str, Any], schedules: Mapping[str, float],
                            scalars: Mapping[str, Any]) -> None:
@@ -274,9 +262,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._log.close()
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self._board.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
