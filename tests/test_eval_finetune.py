@@ -156,7 +156,7 @@ def test_every_finetune_recipe_loads_and_documents_itself(recipe):
     assert cfg.schedule.train_epochs >= 1
 
 
-def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
+def test_one_epoch_on_digits_shards(digits_shards, tmp_path, capsys):
     from ssl_vil.eval.finetune import main
 
     torch.set_num_threads(1)
@@ -179,6 +179,19 @@ def test_one_epoch_on_digits_shards(digits_shards, tmp_path):
     assert tb_scalars(tmp_path, "loss/")["loss/loss"] == [(step, pytest.approx(loss)) for step, loss in
                                                           enumerate(losses, start=1)]
     assert tb_scalars(tmp_path, "eval/")["eval/top1"] == [(20, pytest.approx(res["final"]["top1"]))]
+
+    # Resuming it with another lr is refused in one line naming the key; nothing in the output dir changes.
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(RECIPE), "--output-dir", str(tmp_path),
+              *_tiny_overrides(digits_shards, "schedule.train_epochs=2", "schedule.warmup_epochs=0",
+                               "train.eval_every_epochs=1", "optim.lr=1e-3")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    # Only the lr is listed: extending the run (schedule.train_epochs) is allowed.
+    assert err.split("these keys differ: ")[1].split(". Keys that may change")[0] == "optim.lr: run has 0.003, now 0.001"
+    assert len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def _ft_command(shards: Path, out: Path) -> list[str]:

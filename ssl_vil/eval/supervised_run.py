@@ -27,12 +27,14 @@ import torch
 from torch import nn
 
 from ssl_vil.checkpoint import CheckpointManager, LoadedCheckpoint, config_hash
+from ssl_vil.config import engine
+from ssl_vil.config.errors import ConfigError
 from ssl_vil.eval.reporting import setup_logging
 from ssl_vil.eval.weights_id import weights_sha256
 from ssl_vil.infra.dist import DistInfo, barrier, process_group
 from ssl_vil.infra.files import JsonlLog, write_json_atomic
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
-from ssl_vil.train.checkpointing import Checkpointer, Progress, Stateful
+from ssl_vil.train.checkpointing import CONFIG_METADATA_KEY, Checkpointer, Progress, Stateful
 from ssl_vil.train.config import StepGuardConfig
 from ssl_vil.train.data import batches_forever
 from ssl_vil.train.guards import FiniteGuard, SpikeGuard
@@ -44,6 +46,12 @@ from ssl_vil.train.step_loop import Periodic, run_steps
 logger = logging.getLogger("ssl_vil.eval")
 
 TRAIN_LOG = "train_log.jsonl"
+
+# Keys that may differ when an output dir is resumed: where the data lives, how long the run is (to extend it), the
+# cadences, the device and logging. Everything else decides what is computed and must match the checkpoint's config.
+RESUME_MUTABLE_KEYS = ("data.train", "data.val", "data.num_workers", "schedule.train_epochs", "schedule.train_steps",
+                       "train.device", "train.checkpoint_every_steps", "train.keep_last", "train.eval_every_epochs",
+                       "train.eval_every_steps", "train.log_every_steps", "train.tensorboard")
 
 
 class History(list):
@@ -160,9 +168,23 @@ class SupervisedRun:
             "spike_guard": p.pop("spike_guard", None) or (self.spike.state_dict() if self.spike else {}),
             "history": {"records": p.pop("history", [])}, "rng": None}
 
+    def check_config(self, loaded: LoadedCheckpoint) -> None:
+        """Refuse (one :class:`ConfigError` listing the keys) to continue a checkpoint written with a config that
+        differs in keys outside :data:`RESUME_MUTABLE_KEYS` (a different model, lr, augmentation, seed...)."""
+        recorded = loaded.manifest["metadata"].get(CONFIG_METADATA_KEY) or loaded.payload.get("config")
+        if not isinstance(recorded, dict):
+            return
+        diffs = engine.diff(recorded, self.cfg.to_dict(), ignore_prefixes=RESUME_MUTABLE_KEYS)
+        if diffs:
+            keys = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
+            raise ConfigError(f"{self.out}: the checkpoint {Path(loaded.path).name} was written with another config; "
+                              f"these keys differ: {keys}. Keys that may change on resume: "
+                              f"{', '.join(RESUME_MUTABLE_KEYS)}. Use a new --output-dir, --no-resume, or revert "
+                              f"these overrides to resume.")
+
     def try_resume(self, ckpt: Checkpointer) -> bool:
         """Load the newest valid checkpoint of the output dir, if there is one."""
-        loaded = ckpt.restore(self.progress, self.dist.rank)
+        loaded = ckpt.restore(self.progress, self.dist.rank, check=self.check_config)
         if loaded is None:
             return False
         self.log.truncate_after(self.step)
