@@ -396,6 +396,11 @@ def parse_flags(cls: type[T], parser: argparse.ArgumentParser, argv: list[str] |
         parser.error(str(err))
 
 
+def describe_diff(diffs: Iterable[tuple[str, Any, Any]]) -> str:
+    """``"optim.lr: run has 0.003, now 0.001; ..."`` for the differences :func:`diff` found (recorded, current)."""
+    return "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
+
+
 def diff(a: Any, b: Any, *, ignore_prefixes: Iterable[str] = ()) -> list[tuple[str, Any, Any]]:
     """Dotted keys whose values differ between two config trees, skipping ``ignore_prefixes``."""
     ignore = tuple(ignore_prefixes)

@@ -176,9 +176,8 @@ class SupervisedRun:
             return
         diffs = engine.diff(recorded, self.cfg.to_dict(), ignore_prefixes=RESUME_MUTABLE_KEYS)
         if diffs:
-            keys = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
             raise ConfigError(f"{self.out}: the checkpoint {Path(loaded.path).name} was written with another config; "
-                              f"these keys differ: {keys}. Keys that may change on resume: "
+                              f"these keys differ: {engine.describe_diff(diffs)}. Keys that may change on resume: "
                               f"{', '.join(RESUME_MUTABLE_KEYS)}. Use a new --output-dir, --no-resume, or revert "
                               f"these overrides to resume.")
 

@@ -35,6 +35,7 @@ from ssl_vil.checkpoint import CheckpointVerificationError, LoadedCheckpoint
 from ssl_vil.checkpoint.layout import CHECKPOINTS_DIRNAME, MANIFEST_NAME, checkpoints_dir, list_step_dirs
 from ssl_vil.checkpoint.manifest import read_manifest
 from ssl_vil.config import ConfigError, RunConfig, diff_configs, to_yaml
+from ssl_vil.config.engine import describe_diff
 from ssl_vil.config.load import config_from_record, describe_resume_mutable_keys, load_run_config
 from ssl_vil.infra.files import fsync_dir, write_json_atomic, write_text_atomic
 from ssl_vil.train.checkpointing import CONFIG_METADATA_KEY
@@ -120,9 +121,8 @@ def check_output_dir(run_dir: Path) -> None:
 def _refuse_differences(run_dir: Path, recorded: RunConfig, cfg: RunConfig, source: str) -> None:
     diffs = diff_configs(recorded, cfg)
     if diffs:
-        keys = "; ".join(f"{k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
         raise ConfigError(f"{run_dir}: existing run has an incompatible config (recorded in {source}); "
-                          f"these keys differ: {keys}; keys allowed to change on resume: "
+                          f"these keys differ: {describe_diff(diffs)}; keys allowed to change on resume: "
                           f"{describe_resume_mutable_keys()}. Use a new --output-dir, or revert these overrides "
                           f"to resume.")
 
