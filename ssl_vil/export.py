@@ -173,10 +173,10 @@ def export_run(run_dir: str | Path, step: int | None = None) -> Path:
     from safetensors.torch import save
 
     from ssl_vil.backbones.weights import export_metadata
-    from ssl_vil.config.load import load_run_config
+    from ssl_vil.config import load_config
 
     run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", world_size=1)
     loaded = _load_step(run_dir, step)
     step_dir = loaded.path
     sd = teacher_backbone_state(loaded.payload["objective"])
@@ -239,16 +239,16 @@ def load_pretrained_backbone(weights: str | Path, model: str | None = None, **kw
       timm architecture and ``kwargs`` its overrides.
     """
     from ssl_vil.backbones.weights import WeightLoadError, read_export_metadata
-    from ssl_vil.config.load import load_run_config
+    from ssl_vil.config import load_config
 
     path = Path(weights)
     if path.is_dir() and (path / "config.yaml").exists():
         loaded = _load_step(path, None)
-        cfg = load_run_config(path / "config.yaml")
+        cfg = load_config(path / "config.yaml", world_size=1)
         info, sd = model_info(cfg), teacher_backbone_state(loaded.payload["objective"])
         info["source"] = str(loaded.path)
     elif path.is_dir() and (path / "manifest.json").exists():
-        cfg = load_run_config(_run_dir_of(path) / "config.yaml")
+        cfg = load_config(_run_dir_of(path) / "config.yaml", world_size=1)
         info, sd = model_info(cfg), teacher_backbone_state(_load_folder(path).payload["objective"])
         info["source"] = str(path)
     elif path.is_file() and model is None and (described := read_export_metadata(path)) is not None:

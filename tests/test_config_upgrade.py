@@ -18,7 +18,6 @@ import yaml
 
 from ssl_vil.checkpoint import CheckpointManager
 from ssl_vil.config import ConfigError, load_config, to_dict
-from ssl_vil.config.load import load_run_config
 from ssl_vil.config.upgrade import upgrade_record
 from ssl_vil.infra.files import read_jsonl
 
@@ -27,7 +26,7 @@ RUN_V0 = Path(__file__).parent / "fixtures" / "run_v0"
 
 
 def test_the_earlier_layout_reads_as_the_computation_it_ran():
-    cfg = load_run_config(RUN_V0 / "config.yaml")
+    cfg = load_config(RUN_V0 / "config.yaml", world_size=1)  # a run's record: upgraded
     o, m, k = cfg.objective, cfg.masking, cfg.knn_monitor
     # objective.name=dino zeroed the iBOT and KoLeo terms whatever their recorded weights (1.0 / 0.1).
     assert (o.dino_weight, o.ibot_weight, o.koleo_weight, o.ibot_head) == (1.0, 0.0, 0.0, None)

@@ -164,16 +164,6 @@ def _if_recorded(data: dict[str, Any]) -> dict[str, Any]:
     return _upgraded(data) if "derived" in data else data
 
 
-def load_run_config(path: str | Path, *, world_size: int = 1) -> RunConfig:
-    """The config a run wrote (``RUN/config.yaml``), by this or an earlier version of ssl_vil, resolved for
-    ``world_size`` processes."""
-    record = engine.read_yaml(path)
-    try:
-        return resolve(config_from_record(record), world_size=world_size)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-
-
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (what ``RUN/config.yaml`` holds)."""
     return engine.to_yaml(cfg)

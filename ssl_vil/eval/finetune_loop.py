@@ -51,9 +51,7 @@ class _Run(SupervisedRun):
     images_key = "views"
 
     def __init__(self, cfg: FinetuneConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
-        super().__init__(cfg, output_dir, dist, preempt, guards=cfg.guards, keep_last=cfg.train.keep_last,
-                         log_every_steps=cfg.train.log_every_steps,
-                         checkpoint_every_steps=cfg.train.checkpoint_every_steps, tensorboard=cfg.train.tensorboard)
+        super().__init__(cfg, output_dir, dist, preempt)
         d = cfg.data
         # Model init draws from the global RNG: same seed on every rank, so DDP starts from one model.
         torch.manual_seed(cfg.train.seed)

@@ -35,9 +35,7 @@ from ssl_vil.infra.dist import DistInfo, barrier, process_group
 from ssl_vil.infra.files import JsonlLog, write_json_atomic
 from ssl_vil.infra.timing import StepTimer, format_duration, is_due
 from ssl_vil.train.checkpointing import CONFIG_METADATA_KEY, Checkpointer, Progress, Stateful
-from ssl_vil.train.config import StepGuardConfig
 from ssl_vil.train.data import batches_forever
-from ssl_vil.train.guards import FiniteGuard, SpikeGuard
 from ssl_vil.train.preemption import PreemptionFlag
 from ssl_vil.train.scalar_board import ScalarBoard
 from ssl_vil.train.step_guard import StepGuard, Verdict
@@ -67,8 +65,10 @@ class History(list):
 class SupervisedRun:
     """State of one process (rank) of a supervised run; see the module docstring for what a subclass provides.
 
-    Subclasses set ``model``, ``optimizer``, ``stream`` (a resumable stream whose batches carry ``epoch`` and
-    ``batch_in_epoch``) and ``total_steps`` before the run starts.
+    ``cfg`` is the task's config: ``cfg.guards`` (:class:`~ssl_vil.train.config.StepGuardConfig`) and
+    ``cfg.train.{keep_last, log_every_steps, checkpoint_every_steps, tensorboard}`` are read here. Subclasses set
+    ``model``, ``optimizer``, ``stream`` (a resumable stream whose batches carry ``epoch`` and ``batch_in_epoch``)
+    and ``total_steps`` before the run starts.
     """
 
     model: nn.Module
@@ -77,24 +77,20 @@ class SupervisedRun:
     total_steps: int
     images_key: str = "images"  # the batch entry whose first dimension counts the images of a step
 
-    def __init__(self, cfg: Any, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag, *,
-                 guards: StepGuardConfig, keep_last: int, log_every_steps: int, checkpoint_every_steps: int,
-                 tensorboard: bool) -> None:
+    def __init__(self, cfg: Any, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
         self.cfg, self.out, self.dist, self.device = cfg, output_dir, dist, dist.device
-        self.log_every_steps, self.checkpoint_every_steps = log_every_steps, checkpoint_every_steps
+        t = cfg.train
         # The pretraining trainer's step guard: one collective per step decides skip (non-finite, spike) / stop.
-        self.finite = FiniteGuard(guards.nonfinite_policy, guards.max_consecutive_skips, output_dir, dist.rank)
-        self.spike = SpikeGuard(guards.spike_window_steps, guards.spike_z_threshold,
-                                min(20, guards.spike_window_steps)) if guards.spike_detection else None
-        self.guard = StepGuard(self.finite, self.spike, preempt, rank=dist.rank, world_size=dist.world_size)
-        self.manager = CheckpointManager(output_dir, keep_last=keep_last, keep_every_steps=None,
+        self.guard = StepGuard.from_config(cfg.guards, output_dir, preempt, rank=dist.rank,
+                                           world_size=dist.world_size)
+        self.manager = CheckpointManager(output_dir, keep_last=t.keep_last, keep_every_steps=None,
                                          config_hash=config_hash(cfg.to_dict()), world_size=dist.world_size,
                                          git_sha=None, rank=dist.rank,
                                          barrier=barrier if dist.world_size > 1 else None)
         # One record per optimizer step plus events (rank 0); cut back to the checkpoint's step on resume.
         self.log = JsonlLog(output_dir / TRAIN_LOG, enabled=dist.is_main)
         # The same TensorBoard scalars component as pretraining's metrics logger (RUN/tb).
-        self.board = ScalarBoard(output_dir, enabled=dist.is_main and tensorboard)
+        self.board = ScalarBoard(output_dir, enabled=dist.is_main and t.tensorboard)
         self.progress = Progress()
         self.history = History()
 
@@ -148,9 +144,9 @@ class SupervisedRun:
     def checkpointer(self) -> Checkpointer:
         """The pretraining trainer's checkpointer over this task's components."""
         return Checkpointer(
-            self.manager, every_steps=self.checkpoint_every_steps, total_steps=self.total_steps,
+            self.manager, every_steps=self.cfg.train.checkpoint_every_steps, total_steps=self.total_steps,
             payload={"model": self.model, "optimizer": self.optimizer, **self.extra_components()},
-            loop_state={"data": self.stream, "finite_guard": self.finite, "spike_guard": self.spike,
+            loop_state={"data": self.stream, "finite_guard": self.guard.finite, "spike_guard": self.guard.spike,
                         "history": self.history},
             config_record=self.cfg.to_dict(), also_due=lambda _, batch: self.also_checkpoint(batch),
             upgrade=self.upgrade)
@@ -164,8 +160,8 @@ class SupervisedRun:
         p.pop("config", None)
         p["train_state"] = {
             "step": loaded.step, "samples_seen": loaded.step * self.stream.global_batch_size, "data": p.pop("data"),
-            "finite_guard": p.pop("finite_guard", None) or self.finite.state_dict(),
-            "spike_guard": p.pop("spike_guard", None) or (self.spike.state_dict() if self.spike else {}),
+            "finite_guard": p.pop("finite_guard", None) or self.guard.finite.state_dict(),
+            "spike_guard": p.pop("spike_guard", None) or (self.guard.spike.state_dict() if self.guard.spike else {}),
             "history": {"records": p.pop("history", [])}, "rng": None}
 
     def check_config(self, loaded: LoadedCheckpoint) -> None:
@@ -226,7 +222,8 @@ class SupervisedRun:
             record = self.evaluate(batch)
             if record is not None:
                 self.log.write(record)
-                self.board.add({f"eval/{k}": v for k, v in record.items() if k not in ("step", "epoch") and not k.startswith("n_")}, self.step)
+                self.board.add({f"eval/{k}": v for k, v in record.items()
+                                if k not in ("step", "epoch") and not k.startswith("n_")}, self.step)
                 self.history.append(record)
             self.model.train()
 
@@ -249,7 +246,7 @@ class SupervisedRun:
                            "non-finite loss or gradients" if verdict.skip_nonfinite else "loss spike")
         self.board.add({"loss/loss": loss, "schedule/lr": lr, "diag/grad_norm": verdict.metrics["grad_norm"]},
                        self.step)
-        if is_due(self.step, self.log_every_steps, total_steps=self.total_steps):
+        if is_due(self.step, self.cfg.train.log_every_steps, total_steps=self.total_steps):
             timing = timer.pop_window()
             self.board.add({"perf/img_per_s": timing.img_per_s, "perf/data_wait_fraction": timing.data_wait_fraction},
                            self.step)

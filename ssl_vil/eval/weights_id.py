@@ -72,7 +72,6 @@ def random_init_info(weights: str) -> dict[str, Any]:
     Raises :class:`ConfigError` naming SPEC when it is none of the forms in the module docstring.
     """
     from ssl_vil.config import load_config
-    from ssl_vil.config.load import load_run_config
     from ssl_vil.export import model_info
 
     spec = weights[len(RANDOM_PREFIX):]
@@ -80,7 +79,7 @@ def random_init_info(weights: str) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return model_info(load_config(path, world_size=1))
     if path.is_dir() and (path / "config.yaml").is_file():
-        return model_info(load_run_config(path / "config.yaml"))
+        return model_info(load_config(path / "config.yaml", world_size=1))
     if path.is_file() and path.name == _EXPORT_INFO:
         return json.loads(path.read_text())
     if path.is_file() and (path.parent / _EXPORT_INFO).is_file():

@@ -69,9 +69,7 @@ class _Run(SupervisedRun):
     """State of one segmentation process (rank)."""
 
     def __init__(self, cfg: SegmentConfig, output_dir: Path, dist: DistInfo, preempt: PreemptionFlag) -> None:
-        super().__init__(cfg, output_dir, dist, preempt, guards=cfg.guards, keep_last=cfg.train.keep_last,
-                         log_every_steps=cfg.train.log_every_steps,
-                         checkpoint_every_steps=cfg.train.checkpoint_every_steps, tensorboard=cfg.train.tensorboard)
+        super().__init__(cfg, output_dir, dist, preempt)
         d = cfg.data
         self.train_pairs = open_pairs(d.train, d.train_split)
         self.val_pairs = open_pairs(d.val, d.val_split) if d.val else None

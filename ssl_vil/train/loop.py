@@ -36,7 +36,7 @@ from ssl_vil.train.build import build_backbone, build_optimizer, build_ssl_objec
 from ssl_vil.train.checkpointing import Checkpointer, Progress
 from ssl_vil.train.data import batches_forever, build_stream
 from ssl_vil.train.fsdp import is_sharded, rank_agnostic_payload, shard_objective, unsharded_copy
-from ssl_vil.train.guards import CollapseDetector, FiniteGuard, SpikeGuard
+from ssl_vil.train.guards import CollapseDetector
 from ssl_vil.train.knn_monitor import KnnMonitor
 from ssl_vil.train.metrics_log import MetricsLogger
 from ssl_vil.train.preemption import PreemptionFlag
@@ -178,11 +178,8 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
     if cfg.train.compile:
         student = objective.wrap_student(torch.compile)  # compiles what the forward goes through (e.g. DDP)
     optimizer = build_optimizer(cfg, objective.student)
-    g = cfg.guards
-    finite = FiniteGuard(g.nonfinite_policy, g.max_consecutive_skips, run_dir, dist.rank)
-    spike = SpikeGuard(g.spike_window_steps, g.spike_z_threshold, min(20, g.spike_window_steps)) \
-        if g.spike_detection else None
-    collapse = CollapseDetector(g.collapse_ratio, g.collapse_window_steps)
+    guard = StepGuard.from_config(cfg.guards, run_dir, preempt, rank=dist.rank, world_size=dist.world_size)
+    collapse = CollapseDetector(cfg.guards.collapse_ratio, cfg.guards.collapse_window_steps)
     precision = resolve_precision(cfg.train.precision, dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
     stream = build_stream(cfg, dist)
@@ -193,10 +190,10 @@ def _build(cfg: RunConfig, run_dir: Path, dist: DistInfo, preempt: PreemptionFla
     checkpointer = Checkpointer.for_run(
         run_dir, cfg, config_hash=config_hash(to_dict(cfg)), world_size=dist.world_size, rank=dist.rank,
         git_sha=git_sha(), payload=payload, config_record=to_dict(cfg),
-        loop_state={"data": stream, "finite_guard": finite, "spike_guard": spike, "collapse": collapse})
+        loop_state={"data": stream, "finite_guard": guard.finite, "spike_guard": guard.spike, "collapse": collapse})
     step = StepComponents(
         objective=objective, student=student, optimizer=optimizer, schedule=cfg,
-        guard=StepGuard(finite, spike, preempt, rank=dist.rank, world_size=dist.world_size), collapse=collapse,
+        guard=guard, collapse=collapse,
         clip_grad_norm=cfg.optim.clip_grad_norm, autocast=functools.partial(autocast, precision, dist.device),
         scaler=scaler)
     # Opened here, before anything is written: a k-NN source that cannot be read refuses the start.

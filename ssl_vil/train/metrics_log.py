@@ -129,7 +129,6 @@ class MetricsLogger:
         self.rank = rank
         self.log_every_steps = log_every_steps
         self.total_steps = total_steps
-        self.tensorboard = tensorboard
         self.path = self.run_dir / METRICS_FILE
         self._board = ScalarBoard(self.run_dir, enabled=rank == 0 and tensorboard, start_step=start_step)
         self._bar = None

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Any
 from ssl_vil.checkpoint import CheckpointVerificationError, LoadedCheckpoint
 from ssl_vil.checkpoint.layout import CHECKPOINTS_DIRNAME, MANIFEST_NAME, checkpoints_dir, list_step_dirs
 from ssl_vil.checkpoint.manifest import read_manifest
-from ssl_vil.config import ConfigError, RunConfig, diff_configs, to_yaml
+from ssl_vil.config import ConfigError, RunConfig, diff_configs, load_config, to_yaml
 from ssl_vil.config.engine import describe_diff
-from ssl_vil.config.load import config_from_record, describe_resume_mutable_keys, load_run_config
+from ssl_vil.config.load import config_from_record, describe_resume_mutable_keys
 from ssl_vil.infra.files import fsync_dir, write_json_atomic, write_text_atomic
 from ssl_vil.train.checkpointing import CONFIG_METADATA_KEY
 
@@ -158,7 +158,7 @@ def check_resume_compatible(run_dir: Path, cfg: RunConfig) -> None:
     run_dir = Path(run_dir)
     recorded_path = run_dir / CONFIG_FILE
     if recorded_path.exists():
-        recorded = load_run_config(recorded_path, world_size=cfg.derived.world_size)
+        recorded = load_config(recorded_path, world_size=cfg.derived.world_size)
         _refuse_differences(run_dir, recorded, cfg, CONFIG_FILE)
         return
     found = _newest_config_record(run_dir)

@@ -18,6 +18,7 @@ A collective per concern would cost four latencies per step on a multi-node job.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor
 from ssl_vil.data.error_tally import COUNTER_KEYS
 from ssl_vil.data.errors import DataErrorBudgetExceeded
 from ssl_vil.infra.dist import all_reduce_, collective_device
+from ssl_vil.train.config import StepGuardConfig
 from ssl_vil.train.guards import GRAD_NORM_NAME, FiniteGuard, SpikeGuard
 from ssl_vil.train.preemption import PreemptionFlag
 
@@ -49,6 +51,16 @@ class Verdict:
 
 class StepGuard:
     """Combines the finite, spike, preemption and data-budget decisions of a step into one collective."""
+
+    @classmethod
+    def from_config(cls, cfg: StepGuardConfig, run_dir: Path, preempt: PreemptionFlag, *, rank: int,
+                    world_size: int) -> StepGuard:
+        """The guard ``cfg`` describes (pretraining's ``guards:`` or a supervised run's); its non-finite guard
+        reports into ``run_dir``, and the spike guard, when on, waits for ``min(20, window)`` accepted steps."""
+        finite = FiniteGuard(cfg.nonfinite_policy, cfg.max_consecutive_skips, run_dir, rank)
+        spike = SpikeGuard(cfg.spike_window_steps, cfg.spike_z_threshold, min(20, cfg.spike_window_steps)) \
+            if cfg.spike_detection else None
+        return cls(finite, spike, preempt, rank=rank, world_size=world_size)
 
     def __init__(self, finite: FiniteGuard, spike: SpikeGuard | None, preempt: PreemptionFlag, *,
                  rank: int, world_size: int) -> None:
